@@ -13,8 +13,13 @@ VOCAB = 61
 def lm():
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -23,10 +28,15 @@ def random_pairs(seed, n=4):
     g = torch.Generator().manual_seed(seed)
 
     def seq(lo, hi):
-        return torch.randint(3, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),),
-                             generator=g).tolist()
+        return torch.randint(
+            3, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
+        ).tolist()
 
-    return [seq(1, 12) for _ in range(n)], [seq(1, 9) for _ in range(n)], [seq(1, 9) for _ in range(n)]
+    return (
+        [seq(1, 12) for _ in range(n)],
+        [seq(1, 9) for _ in range(n)],
+        [seq(1, 9) for _ in range(n)],
+    )
 
 
 def naive_logp(lm, prompt, completion):
@@ -41,7 +51,9 @@ def naive_logp(lm, prompt, completion):
 def test_matches_naive_loop(lm, layout, chunk_size):
     prompts, chosen, rejected = random_pairs(1)
     with torch.no_grad():
-        sums, counts = CompletionLogProbs(lm, chunk_size)(pack_pairs(prompts, chosen, rejected, 0, layout))
+        sums, counts = CompletionLogProbs(lm, chunk_size)(
+            pack_pairs(prompts, chosen, rejected, 0, layout)
+        )
         expected = [naive_logp(lm, p, c) for p, c in zip(prompts, chosen)]
         expected += [naive_logp(lm, p, r) for p, r in zip(prompts, rejected)]
     torch.testing.assert_close(sums.double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
@@ -59,7 +71,9 @@ def test_gradients_match_naive(lm):
 
     sums, _ = CompletionLogProbs(lm, chunk_size=4)(pack_pairs(prompts, chosen, rejected, 0))
     ours = grads(sums.sum())
-    naive = sum(naive_logp(lm, p, c) + naive_logp(lm, p, r) for p, c, r in zip(prompts, chosen, rejected))
+    naive = sum(
+        naive_logp(lm, p, c) + naive_logp(lm, p, r) for p, c, r in zip(prompts, chosen, rejected)
+    )
     ref = grads(naive)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
@@ -70,9 +84,15 @@ def test_padding_does_not_change_results(lm):
     with torch.no_grad():
         scorer = CompletionLogProbs(lm)
         together, _ = scorer(pack_pairs(prompts, chosen, rejected, 0))
-        alone = [scorer(pack_pairs([p], [c], [r], 0))[0] for p, c, r in zip(prompts, chosen, rejected)]
-    torch.testing.assert_close(together[:3], torch.cat([a[:1] for a in alone]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(together[3:], torch.cat([a[1:] for a in alone]), rtol=1e-5, atol=1e-5)
+        alone = [
+            scorer(pack_pairs([p], [c], [r], 0))[0] for p, c, r in zip(prompts, chosen, rejected)
+        ]
+    torch.testing.assert_close(
+        together[:3], torch.cat([a[:1] for a in alone]), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        together[3:], torch.cat([a[1:] for a in alone]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_shared_prompt_processes_fewer_tokens():

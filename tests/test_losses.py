@@ -7,7 +7,8 @@ policy log pi(y_l) = -12, pi_ref(y_l) = -11 (log-ratio -1), |y_l| = 2; beta = 0.
     mean  : h = 1/4 - (-1/2)               = 0.75     beta h = 0.375
     power : h = 1/sqrt(4) + 1/sqrt(2)      = 1.207107 beta h = 0.603553   (alpha = 0.5)
 
--log sigmoid(u) = log(1 + exp(-u)):  u = 1 -> 0.313262, u = 0.375 -> 0.523123, u = 0.603553 -> 0.436230
+-log sigmoid(u) = log(1 + exp(-u)):
+    u = 1 -> 0.313262,  u = 0.375 -> 0.523123,  u = 0.603553 -> 0.436230
 """
 
 import math
@@ -29,8 +30,16 @@ PC, PR, RC, RR, LC, LR = -10.0, -12.0, -11.0, -11.0, 4, 2
 def loss_of(name, aggregation, alpha=1.0, **params):
     t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
     loss, metrics = preference_loss(
-        name, t(PC), t(PR), t(RC), t(RR), torch.tensor([LC]), torch.tensor([LR]),
-        LossParams(beta=0.5, **params), aggregation, alpha,
+        name,
+        t(PC),
+        t(PR),
+        t(RC),
+        t(RR),
+        torch.tensor([LC]),
+        torch.tensor([LR]),
+        LossParams(beta=0.5, **params),
+        aggregation,
+        alpha,
     )
     return loss.item(), metrics
 
@@ -125,8 +134,14 @@ def test_metrics_are_in_the_loss_units():
 def test_reference_free_loss_ignores_missing_reference():
     t = torch.tensor([-3.0], dtype=torch.float64)
     loss, _ = preference_loss(
-        "simpo", t, t - 1, None, None, torch.tensor([1]), torch.tensor([1]), LossParams(beta=1.0,
-        simpo_gamma=0.0),
+        "simpo",
+        t,
+        t - 1,
+        None,
+        None,
+        torch.tensor([1]),
+        torch.tensor([1]),
+        LossParams(beta=1.0, simpo_gamma=0.0),
     )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
     with pytest.raises(ValueError, match="needs reference"):

@@ -33,9 +33,9 @@ LAYOUTS = ("shared_prompt", "concat")
 class PackedBatch:
     """Token rows plus where to read each completion token's log-probability.
 
-    Completion k of the batch (k < num_sequences) gets the tokens at flat positions
-    `target_index[seq_index == k]` of `input_ids.view(-1)`, each predicted by the hidden state at the
-    flat position `source_index` (the previous token of the same sequence).
+    Completion k (k < num_sequences) consists of the tokens `target_ids[seq_index == k]`,
+    each predicted by the hidden state at flat position `source_index` of the [rows * length]
+    hidden states: the previous token of the same sequence.
     """
 
     input_ids: torch.Tensor  # [rows, length]
@@ -142,7 +142,9 @@ def attention_mask_4d(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return mask[:, None]
 
 
-def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+def _token_logps(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
+):
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

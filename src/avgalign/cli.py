@@ -1,0 +1,164 @@
+"""`avgalign`: one entry point over training, data diagnostics, evaluation and the studies."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError
+
+TRAIN_HELP = """\
+Train a policy with a direct alignment loss. The config is YAML with sections model, data, loss,
+train (see configs/ and the README's config reference); any key can be overridden with
+--set section.key=value, e.g. --set loss.aggregation=mean --set loss.beta=2.0.
+Multi-process / multi-GPU: `accelerate launch [--num_processes N] -m avgalign train ...`.
+"""
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(args.set)
+    for key, value in [
+        ("loss.name", args.loss),
+        ("loss.aggregation", args.aggregation),
+        ("loss.alpha", args.alpha),
+        ("loss.beta", args.beta),
+        ("train.output_dir", args.output_dir),
+        ("train.max_steps", args.max_steps),
+        ("model.name", args.model),
+        ("data.train", args.data),
+    ]:
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)  # fully validated before any model is loaded
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give a dataset file or hub id (--data)")
+    result = train(cfg)
+    print(
+        f"done: {result.steps} steps in {result.train_seconds:.1f}s; eval: "
+        + ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in result.eval_metrics.items()
+            if k in ("loss", "reward_accuracy", "reward_margin")
+        )
+    )
+    if result.model_dir:
+        print(f"model saved to {result.model_dir}")
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    from .config import ModelConfig
+    from .data import format_length_stats, length_stats, load_preferences, tokenize_pairs
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=args.model))
+    report = load_preferences(
+        args.source, split=args.split, tokenizer=tokenizer, on_error=args.on_error, limit=args.limit
+    )
+    print(report.summary(max_notes=args.max_notes))
+    pairs, truncation = tokenize_pairs(
+        report.examples, tokenizer, max_length=args.max_length, on_error=args.on_error
+    )
+    print(f"tokenised with max_length={args.max_length}: {truncation.summary()}")
+    print(format_length_stats(length_stats(pairs)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avgalign",
+        description="Length-invariant direct alignment: DPO-family losses with summed or averaged "
+        "log-likelihoods, and the study of generation length against score.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a policy from a YAML config",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional if --set gives all)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable); the value is parsed as YAML",
+    )
+    p.add_argument("--loss", help="shortcut for loss.name: dpo, ipo, slic, simpo, rdpo")
+    p.add_argument(
+        "--aggregation",
+        help="shortcut for loss.aggregation: sum, mean or power "
+        "(divide sequence log-likelihoods by |y|^alpha)",
+    )
+    p.add_argument("--alpha", type=float, help="shortcut for loss.alpha (aggregation power)")
+    p.add_argument("--beta", type=float, help="shortcut for loss.beta")
+    p.add_argument("--model", help="shortcut for model.name: folder, hub id or smollm2-135m")
+    p.add_argument(
+        "--data",
+        help="shortcut for data.train: file (.jsonl/.json/.gz/.parquet) or "
+        "hub id (e.g. Anthropic/hh-rlhf:harmless-base)",
+    )
+    p.add_argument("--output-dir", help="shortcut for train.output_dir")
+    p.add_argument("--max-steps", type=int, help="shortcut for train.max_steps")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "data-stats",
+        help="load, validate and tokenise a preference dataset; "
+        "print token lengths and its length bias (how often chosen is longer)",
+    )
+    p.add_argument("source", help="file (.jsonl/.json/.gz/.parquet) or hub id")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="tokenizer: model folder, hub id or smollm2-135m (default)",
+    )
+    p.add_argument("--split", default="train", help="split, for hub datasets")
+    p.add_argument("--max-length", type=int, default=512, help="truncation length (default 512)")
+    p.add_argument(
+        "--on-error",
+        choices=["error", "skip"],
+        default="error",
+        help="stop at the first malformed record (default) or skip and count it",
+    )
+    p.add_argument("--limit", type=int, help="read only the first N pairs")
+    p.add_argument("--max-notes", type=int, default=10, help="skipped/warning lines to show")
+    p.set_defaults(func=_data_stats)
+
+    from .evaluation import add_evaluate_parser
+    from .reward_model import add_reward_model_parser
+
+    add_evaluate_parser(sub)
+    add_reward_model_parser(sub)
+    try:
+        from .toy.demo import add_demo_parser
+    except ImportError:  # the toy world is optional at import time
+        pass
+    else:
+        add_demo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from .data import DataError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

