@@ -24,8 +24,20 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, synthetic_file
         f"  reference_cache_dir: {tmp_path / 'cache'}\n"
     )
     out = tmp_path / "out"
-    code = main(["train", str(config), "--beta", "0.5", "--max-steps", "2",
-                 "--output-dir", str(out), "--set", "train.learning_rate=1e-3"])
+    code = main(
+        [
+            "train",
+            str(config),
+            "--beta",
+            "0.5",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(out),
+            "--set",
+            "train.learning_rate=1e-3",
+        ]
+    )
     assert code == 0
     saved = json.loads((out / "summary.json").read_text())
     assert saved["steps"] == 2
@@ -53,8 +65,10 @@ def test_config_errors_are_one_line(capsys, args, message):
 
 def test_bad_record_names_file_line_and_field(tmp_path, tiny_model_dir, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "what", "chosen": "yes", "rejected": "no"}\n'
-                   '{"prompt": "why", "rejected": "no"}\n')
+    bad.write_text(
+        '{"prompt": "what", "chosen": "yes", "rejected": "no"}\n'
+        '{"prompt": "why", "rejected": "no"}\n'
+    )
     code = main(["data-stats", str(bad), "--model", str(tiny_model_dir)])
     assert code == 2
     err = capsys.readouterr().err.strip()
@@ -77,12 +91,30 @@ def test_data_stats_on_hh(tiny_model_dir, capsys):
 def test_smollm2_on_hh_trains_and_saves(tmp_path):
     """The real model and real data: a couple of steps on CPU, then transformers reloads it."""
     out = tmp_path / "smollm2"
-    code = main([
-        "train", "configs/smollm2-hh.yaml", "--max-steps", "1", "--output-dir", str(out),
-        "--set", "data.limit=10", "--set", "data.eval_fraction=0.2", "--set", "data.max_length=192",
-        "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2",
-        "--set", "train.progress=false", "--set", f"train.reference_cache_dir={tmp_path / 'c'}",
-    ])
+    code = main(
+        [
+            "train",
+            "configs/smollm2-hh.yaml",
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(out),
+            "--set",
+            "data.limit=10",
+            "--set",
+            "data.eval_fraction=0.2",
+            "--set",
+            "data.max_length=192",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.micro_batch_size=2",
+            "--set",
+            "train.progress=false",
+            "--set",
+            f"train.reference_cache_dir={tmp_path / 'c'}",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_pairs"] == 8 and summary["eval_pairs"] == 2

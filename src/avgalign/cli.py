@@ -17,6 +17,8 @@ Multi-process / multi-GPU: `accelerate launch [--num_processes N] -m avgalign tr
 
 
 def _train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from .config import load_config
     from .train import train
 
@@ -33,10 +35,14 @@ def _train(args: argparse.Namespace) -> None:
     ]:
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.resume:
+        overrides.append("train.resume=true")
     cfg = load_config(args.config, overrides)  # fully validated before any model is loaded
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a dataset file or hub id (--data)")
     result = train(cfg)
+    if not PartialState().is_main_process:
+        return
     print(
         f"done: {result.steps} steps in {result.train_seconds:.1f}s; eval: "
         + ", ".join(
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", help="shortcut for train.output_dir")
     p.add_argument("--max-steps", type=int, help="shortcut for train.max_steps")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete "
+        "checkpoint in the output folder (train.resume=true); starts fresh if none",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -151,12 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from .data import DataError
+    from .train import TrainingInterrupted
 
     try:
         args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -38,6 +38,7 @@ class ModelConfig:
     name: str = "smollm2-135m"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin (pickle) weights when no safetensors exist: unsafe
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -94,6 +95,10 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     save_model: bool = True
+    save_every: int = 0  # steps between checkpoints (0: none; a stop signal still saves one)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir, if any
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is not finite
 
 
 @dataclass
@@ -213,6 +218,8 @@ def validate(cfg: Config) -> Config:
         "train.mixed_precision must be auto, no, bf16 or fp16",
     )
     _require(train.eval_every >= 0, "train.eval_every must be >= 0")
+    _require(train.save_every >= 0, "train.save_every must be >= 0")
+    _require(train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     return cfg
 
 

@@ -86,11 +86,24 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig):
     """A causal LM from safetensors weights, in the configured dtype, LoRA-wrapped if lora.r > 0."""
+    path = resolve_model_path(cfg.name)
+    local = Path(path)
+    if (
+        not cfg.allow_pickle
+        and local.is_dir()
+        and not any(local.glob("*.safetensors"))
+        and any(local.glob("*.bin"))
+    ):
+        raise FileNotFoundError(
+            f"{path} has only pickle (.bin) weights, which can run code when loaded; convert them "
+            "to safetensors, or set model.allow_pickle=true if you trust their source"
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(cfg.name),
+        path,
         dtype=DTYPES[cfg.dtype],
         trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True,
+        # safetensors only, unless the user opts in to pickle (which can run code on load)
+        use_safetensors=None if cfg.allow_pickle else True,
     )
     return maybe_add_lora(model, cfg)
 

@@ -15,6 +15,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import TokenizedPair, load_preferences, tokenize_pairs
 from .logprobs import CompletionLogProbs, pack_pairs
@@ -163,6 +167,52 @@ def cached_reference_logps(
     return ReferenceLogps(**load_file(str(path))), hit
 
 
+class TrainingInterrupted(RuntimeError):
+    """Raised after a stop signal, once a checkpoint has been saved."""
+
+
+class StopSignals:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step (and checkpoint).
+
+    A second signal while stopping falls back to the default behaviour (immediate exit)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after checkpoint `step` (and a half-written last line), so a
+    resumed run's metrics.jsonl reads as if it had never stopped."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
 def _mean_metrics(per_pair: dict[str, list[float]]) -> dict[str, float]:
     return {k: float(sum(v) / len(v)) for k, v in per_pair.items() if v}
 
@@ -199,8 +249,9 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator):
-    """Training and held-out pairs from the configured sources, with load/truncation reports."""
+def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator, data_report: dict | None = None):
+    """Training and held-out pairs from the configured sources. What was skipped, warned about
+    and truncated is printed and, per source, added to `data_report` (for the run summary)."""
 
     def load(source: str) -> list[TokenizedPair]:
         report = load_preferences(
@@ -219,6 +270,19 @@ def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator):
         )
         if accelerator.is_main_process:
             print(f"{report.summary()}\n  tokenised: {truncation.summary()}")
+        if data_report is not None:
+            data_report[source] = {
+                "records": report.records,
+                "pairs": len(pairs),
+                "skipped": [f"{loc}: {why}" for loc, why in report.skipped],
+                "warnings": report.warnings,
+                "truncated": {
+                    "prompt": truncation.prompt_truncated,
+                    "chosen": truncation.chosen_truncated,
+                    "rejected": truncation.rejected_truncated,
+                },
+                "dropped": truncation.dropped,
+            }
         return pairs
 
     train_pairs = load(cfg.data.train)
@@ -265,8 +329,9 @@ def train(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    data_report: dict[str, Any] = {}
     if train_pairs is None:
-        train_pairs, loaded_eval = load_pairs(cfg, tokenizer, accelerator)
+        train_pairs, loaded_eval = load_pairs(cfg, tokenizer, accelerator, data_report)
         eval_pairs = loaded_eval if eval_pairs is None else eval_pairs
     eval_pairs = eval_pairs or []
     if len(train_pairs) < tc.batch_size:
@@ -346,7 +411,9 @@ def train(
         num_warmup_steps=int(tc.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # the scheduler is not given to Accelerate, which would step it once per process per step:
+    # here one step is one global batch, whatever the number of processes
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     loss_params = LossParams(
         beta=lc.beta,
         label_smoothing=lc.label_smoothing,
@@ -405,6 +472,24 @@ def train(
                 merged.setdefault(k, []).extend(v)
         return _mean_metrics(merged)
 
+    # ---- resume: the reference above was computed from the initial weights, as it must be
+    start_step, skipped_steps = 0, 0
+    if tc.resume and (found := list_checkpoints(out)):
+        lm = accelerator.unwrap_model(policy).lm
+        state = load_checkpoint(found[-1], lm, optimizer, scheduler)
+        start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+        if main:
+            truncate_metrics(out / "metrics.jsonl", start_step)
+            print(f"resumed from {found[-1]} (step {start_step} of {total_steps})")
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            lm = accelerator.unwrap_model(policy).lm
+            extra = {"skipped_steps": skipped_steps, "total_steps": total_steps}
+            save_checkpoint(out, step, lm, optimizer, scheduler, extra, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
     metrics_log = (
         MetricsLog(out / "metrics.jsonl", out / "tensorboard" if tc.tensorboard else None)
         if main
@@ -412,6 +497,7 @@ def train(
     )
     bar = tqdm(
         total=total_steps,
+        initial=start_step,
         desc=f"{lc.name}/{lc.aggregation} beta={lc.beta:g}",
         disable=not (main and tc.progress),
     )
@@ -420,73 +506,101 @@ def train(
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     orders: dict[int, list[list[int]]] = {}
-    for step in range(total_steps):
-        t0 = time.perf_counter()
-        epoch = step // steps_per_epoch
-        if epoch not in orders:
-            orders = {
-                epoch: batch_order(lengths, tc.batch_size, epoch, tc.seed, tc.group_by_length)
-            }
-        global_idx = orders[epoch][step % steps_per_epoch]
-        mine = global_idx[rank::world]
-        micro = [
-            mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)
-        ]
-        per_pair: dict[str, list[torch.Tensor]] = {}
-        real_tokens = padded_tokens = 0
-        for j, idx in enumerate(micro):
-            sync = j == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(policy):
-                loss, metrics, batch = run_loss([train_pairs[i] for i in idx], idx, ref_train)
-                # mean over the global batch; DDP averages gradients over processes
-                accelerator.backward(loss * len(idx) * world / tc.batch_size)
-            for k, v in metrics.items():
-                per_pair.setdefault(k, []).append(v)
-            real_tokens += batch.num_real_tokens
-            padded_tokens += batch.input_ids.numel()
-        grad_norm = None
-        if tc.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with StopSignals() as stop:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            epoch = step // steps_per_epoch
+            if epoch not in orders:
+                orders = {
+                    epoch: batch_order(lengths, tc.batch_size, epoch, tc.seed, tc.group_by_length)
+                }
+            global_idx = orders[epoch][step % steps_per_epoch]
+            mine = global_idx[rank::world]
+            micro = [
+                mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)
+            ]
+            per_pair: dict[str, list[torch.Tensor]] = {}
+            real_tokens = padded_tokens = 0
+            for j, idx in enumerate(micro):
+                sync = j == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(policy):
+                    loss, metrics, batch = run_loss([train_pairs[i] for i in idx], idx, ref_train)
+                    # mean over the global batch; DDP averages gradients over processes
+                    accelerator.backward(loss * len(idx) * world / tc.batch_size)
+                for k, v in metrics.items():
+                    per_pair.setdefault(k, []).append(v)
+                real_tokens += batch.num_real_tokens
+                padded_tokens += batch.input_ids.numel()
+            # with max_grad_norm 0 an infinite threshold measures the norm without clipping
+            grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
+            stacked = {k: accelerator.gather(torch.cat(v)).float() for k, v in per_pair.items()}
+            if not (torch.isfinite(stacked["loss"]).all() and math.isfinite(grad_norm)):
+                # checked before the optimizer step, so the weights and the last checkpoint are
+                # still good
+                what = f"non-finite loss or gradient at step {step + 1} (pairs {global_idx})"
+                if not tc.skip_nonfinite:
+                    raise FloatingPointError(
+                        f"{what}; the last checkpoint is intact (set train.skip_nonfinite=true "
+                        "to skip such steps)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                skipped_steps += 1
+                if main:
+                    metrics_log.write({"split": "skipped", "step": step + 1, "reason": what})
+                    bar.update(1)
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        stacked = {k: accelerator.gather(torch.cat(v)).float() for k, v in per_pair.items()}
-        if not torch.isfinite(stacked["loss"]).all():
-            raise FloatingPointError(f"non-finite loss at step {step + 1} (pairs {global_idx})")
-        tokens = torch.tensor([real_tokens, padded_tokens], device=accelerator.device)
-        real_tokens, padded_tokens = accelerator.reduce(tokens, "sum").tolist()
-        seconds = time.perf_counter() - t0
-        last = {k: float(v.mean()) for k, v in stacked.items()}
-        record = {
-            "split": "train",
-            "step": step + 1,
-            "epoch": step / steps_per_epoch,
-            **last,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "seconds": seconds,
-            "pairs_per_s": tc.batch_size / seconds,
-            "tokens_per_s": real_tokens / seconds,
-            "padding_fraction": 1 - real_tokens / padded_tokens,
-        }
-        if (
-            eval_pairs
-            and tc.eval_every
-            and (step + 1) % tc.eval_every == 0
-            and step + 1 < total_steps
-        ):
-            eval_metrics = evaluate()
+            tokens = torch.tensor([real_tokens, padded_tokens], device=accelerator.device)
+            real_tokens, padded_tokens = accelerator.reduce(tokens, "sum").tolist()
+            seconds = time.perf_counter() - t0
+            last = {k: float(v.mean()) for k, v in stacked.items()}
+            record = {
+                "split": "train",
+                "step": step + 1,
+                "epoch": step / steps_per_epoch,
+                **last,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "seconds": seconds,
+                "pairs_per_s": tc.batch_size / seconds,
+                "tokens_per_s": real_tokens / seconds,
+                "padding_fraction": 1 - real_tokens / padded_tokens,
+            }
+            if (
+                eval_pairs
+                and tc.eval_every
+                and (step + 1) % tc.eval_every == 0
+                and step + 1 < total_steps
+            ):
+                eval_metrics = evaluate()
+                if main:
+                    metrics_log.write({"split": "eval", "step": step + 1, **eval_metrics})
             if main:
-                metrics_log.write({"split": "eval", "step": step + 1, **eval_metrics})
-        if main:
-            metrics_log.write(record)
-            bar.set_postfix(
-                loss=f"{last['loss']:.4f}",
-                margin=f"{last['reward_margin']:.3f}",
-                pairs_s=f"{record['pairs_per_s']:.2f}",
-            )
-            bar.update(1)
+                metrics_log.write(record)
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}",
+                    margin=f"{last['reward_margin']:.3f}",
+                    pairs_s=f"{record['pairs_per_s']:.2f}",
+                )
+                bar.update(1)
+            done = step + 1
+            if (
+                stop.requested
+                or (tc.save_every and done % tc.save_every == 0)
+                or (tc.save_every and done == total_steps)
+            ):
+                checkpoint(done)
+            if stop.requested:
+                bar.close()
+                if main:
+                    metrics_log.close()
+                raise TrainingInterrupted(
+                    f"stopped by {stop.requested} after step {done}; checkpoint saved in "
+                    f"{checkpoint_dir(out)}; continue with --resume (train.resume=true)"
+                )
     bar.close()
     train_seconds = time.perf_counter() - train_start
     if eval_pairs:
@@ -508,11 +622,13 @@ def train(
             tokenizer.save_pretrained(model_dir)
         summary = {
             "steps": total_steps,
+            "skipped_steps": skipped_steps,
             "train_seconds": train_seconds,
             "reference_seconds": ref_seconds,
             "reference_from_cache": ref_hit,
             "train_pairs": len(train_pairs),
             "eval_pairs": len(eval_pairs),
+            "data": data_report,
             "last_train": last,
             "eval": eval_metrics,
         }
