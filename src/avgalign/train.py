@@ -349,9 +349,10 @@ def train(
             model.enable_input_require_grads()
     policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
 
-    # ---- reference: adapters disabled for LoRA (no second copy), otherwise a frozen copy
+    # ---- reference: adapters disabled for LoRA (no second copy); precomputed from the policy's
+    # own initial weights; a frozen copy only when computed on the fly for a full fine-tune
     reference_scorer = None
-    if spec.uses_reference and not is_peft(model):
+    if spec.uses_reference and not is_peft(model) and not tc.precompute_reference:
         frozen = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
         reference_scorer = CompletionLogProbs(frozen, chunk_size=tc.logprob_chunk_size)
 
@@ -372,10 +373,9 @@ def train(
 
         def ref_for(pairs: list[TokenizedPair]):
             def compute():
-                scorer = reference_scorer or policy
                 with reference_context():
                     return compute_reference_logps(
-                        scorer,
+                        policy,
                         pairs,
                         pad_id=pad_id,
                         layout=tc.layout,
@@ -390,7 +390,6 @@ def train(
         ref_train, ref_hit = ref_for(train_pairs)
         if eval_pairs:
             ref_eval, _ = ref_for(eval_pairs)
-        reference_scorer = None  # not needed any more: frees the frozen copy
         ref_seconds = time.perf_counter() - t0
         if main:
             how = "loaded from cache" if ref_hit else "computed once"
