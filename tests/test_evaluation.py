@@ -306,6 +306,22 @@ def test_lora_reference_via_disabled_adapters_has_zero_kl(tokenizer):
     assert result.win_rate.rate == 0.5  # constant scores: all ties
 
 
+def test_policy_and_reference_samples_are_independent(tokenizer, scorer_module):
+    """Regression: the reference was sampled with the policy's seed, so a policy equal to its
+    reference produced identical samples (every pair a tie) instead of independent ones."""
+    model = tiny_lm(tokenizer, eos_probability=0.1)
+    result = evaluate_policy(
+        model, model, tokenizer, ["w1", "w2", "w3", "w4"],
+        load_scorer(f"{scorer_module}:n_words"),
+        settings=GenerationSettings(num_samples=4, max_new_tokens=12, batch_size=8),
+        n_boot=50, progress=False,
+    )
+    texts = {m: [c.text for c in result.completions if c.model == m]
+             for m in ("policy", "reference")}
+    assert texts["policy"] != texts["reference"]
+    assert 0.0 < result.win_rate.rate < 1.0
+
+
 def test_summarize_evaluation_without_reference_or_logps():
     samples = [
         ScoredCompletion("policy", i, 0, f"p{i}", "x", num_tokens=i + 1, finished=True, score=i)
