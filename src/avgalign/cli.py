@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     add_reward_model_parser(sub)
+    from .recipes.hh import add_study_parser
+
+    add_study_parser(sub)
     try:
         from .toy.demo import add_demo_parser
     except ImportError:  # the toy world is optional at import time

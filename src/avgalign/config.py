@@ -148,7 +148,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def from_mapping(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """A config dataclass from a mapping, every key and type checked (ConfigError names it)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -162,7 +163,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for name, value in values.items():
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+            kwargs[name] = from_mapping(annotation, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(f"{prefix}{name}", value, annotation)
     return cls(**kwargs)
@@ -260,4 +261,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return validate(_build(Config, values, ""))
+    return validate(from_mapping(Config, values))
