@@ -340,3 +340,23 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, synthetic_file):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
         assert rb["reward_margin"] == pytest.approx(ra["reward_margin"], rel=1e-4, abs=1e-6)
         assert rb["learning_rate"] == ra["learning_rate"]
+
+
+def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "avgalign", "demo", "--quick", "--out", str(out),
+           "--cache-dir", str(cache), "--betas", "0.1", "0.3", "1"]
+    results = out / "results.jsonl"
+    proc = run_until(cmd, results, step=3, sig=signal.SIGKILL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    before = [json.loads(line)["key"] for line in results.read_text().splitlines()
+              if line.endswith("}")]
+    assert 3 <= len(before) < 7  # the baseline + 6 runs
+
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()
+            if line.endswith("}")]
+    assert len(keys) == len(set(keys)) == 7  # every run once, none twice
+    assert keys[: len(before)] == before  # finished rows kept as they were
+    assert f"({7 - len(before)} runs done now" in done.stdout
