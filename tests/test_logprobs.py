@@ -130,3 +130,52 @@ def test_empty_inputs_are_refused():
         pack_pairs([[1, 2]], [[]], [[3]], 0)
     with pytest.raises(ValueError, match="prompt token"):
         pack_pairs([[]], [[1]], [[3]], 0)
+
+
+def test_chunk_bounds_put_the_remainder_first():
+    from avgalign.logprobs import chunk_bounds
+
+    assert chunk_bounds(10, 4) == [(0, 2), (2, 6), (6, 10)]
+    assert chunk_bounds(8, 4) == [(0, 4), (4, 8)]
+    assert chunk_bounds(3, 4) == [(0, 3)]
+    assert chunk_bounds(5, 0) == [(0, 5)]
+
+
+@pytest.mark.parametrize("chunk_size, head_calls", [(1000, 1), (4, None)])
+def test_only_checkpointed_chunks_are_recomputed(lm, chunk_size, head_calls):
+    """Under autograd every chunk but the last is recomputed in the backward pass: a batch that
+    fits in one chunk runs the LM head once; gradients are the same either way."""
+    prompts, chosen, rejected = random_pairs(5, n=3)
+    batch = pack_pairs(prompts, chosen, rejected, 0)
+    chunks = -(-batch.target_ids.numel() // chunk_size)
+    calls = []
+    hook = lm.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        lm.zero_grad()
+        CompletionLogProbs(lm, chunk_size)(batch)[0].sum().backward()
+    finally:
+        hook.remove()
+    grad = lm.lm_head.weight.grad.clone()
+    assert len(calls) == (head_calls or 2 * chunks - 1)
+    lm.zero_grad()
+    CompletionLogProbs(lm, 0)(batch)[0].sum().backward()
+    torch.testing.assert_close(grad, lm.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_picked_log_softmax_gradient_matches_autograd():
+    from avgalign.logprobs import _PickedLogSoftmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, VOCAB, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, VOCAB, (7,), generator=g)
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    a = logits.clone().requires_grad_(True)
+    expected = torch.log_softmax(a, -1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * upstream).sum().backward()
+    b = logits.clone().requires_grad_(True)
+    got = _PickedLogSoftmax.apply(b * 1, targets)  # a non-leaf, as the LM head's output is
+    torch.testing.assert_close(got, expected.detach())
+    (got * upstream).sum().backward(retain_graph=True)
+    torch.testing.assert_close(b.grad, a.grad)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        (got * upstream).sum().backward()

@@ -13,8 +13,14 @@ Two layouts of a batch of preference pairs:
 - "concat": two rows per pair, [prompt | chosen] and [prompt | rejected], as most trainers do.
 
 Memory: logits are computed only at the positions that predict a completion token, in chunks of
-`chunk_size` positions; under autograd each chunk is recomputed in the backward pass, so no
-[batch, length, vocab] tensor is kept alive.
+at most `chunk_size` positions, so no [batch, length, vocab] tensor is ever built. Under autograd
+every chunk but the last is checkpointed (its logits are freed and recomputed in the backward
+pass); the last one keeps its logits until the backward pass, which starts with it, where a
+recomputation would allocate the same tensor: one chunk of logits more between forward and
+backward, and no recomputation at all for a batch whose completions fit in one chunk, the common
+case. The short remainder chunk goes first, so the chunk that is not recomputed is a full one.
+The backward pass of the log-softmax writes the logits' gradient into the saved logits
+(`_PickedLogSoftmax`), allocating no further [positions, vocab] tensor.
 """
 
 from __future__ import annotations
@@ -142,18 +148,60 @@ def attention_mask_4d(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return mask[:, None]
 
 
+def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering 0..n in chunks of at most chunk_size (0: one chunk), the
+    short remainder first and every later chunk full."""
+    if chunk_size <= 0 or n <= chunk_size:
+        return [(0, n)]
+    first = n % chunk_size or chunk_size
+    return [(0, first)] + [(s, s + chunk_size) for s in range(first, n, chunk_size)]
+
+
+class _PickedLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[i, targets[i]] for logits [n, vocab], with a lean backward pass.
+
+    The gradient with respect to the logits, g_i * (onehot(targets_i) - softmax(logits_i)), is
+    written into the saved logits tensor in place: the backward pass allocates no [n, vocab]
+    tensor (autograd's own gather + logsumexp backward allocates three). The price: backward can
+    run once per forward (no retain_graph), and nothing else may hold on to `logits`.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.consumed = False
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.consumed:
+            raise RuntimeError("the completion log-probs support one backward pass per forward")
+        ctx.consumed = True
+        logits, targets, lse = ctx.saved_tensors
+        g = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -g_i * softmax, in place
+        g.scatter_add_(-1, targets[:, None], grad[:, None])
+        return g, None
+
+
 def _token_logps(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
 ):
+    """log pi(target | position) for each row of `hidden` [n, d]: logits of the LM head, in
+    float32, log-softmax picked at the targets (after the final-logit soft cap, if any)."""
     logits = head(hidden).float()
-    if softcap:
+    if softcap:  # the gradient through the cap needs the capped logits: autograd's own ops
         logits = torch.tanh(logits / softcap) * softcap
-    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+    return _PickedLogSoftmax.apply(logits, targets)
 
 
 class CompletionLogProbs(nn.Module):
     """Wraps a causal LM (or a peft model around one); forward(batch) -> (summed logps, counts).
+
+    `chunk_size`: LM-head positions per chunk (0: all at once); bounds the logits memory to
+    chunk_size x vocab floats. Under autograd, backward may run once per forward.
 
     Being an nn.Module whose forward does the whole computation, it is what gets wrapped by
     Accelerate (DDP / FSDP), so gradient synchronisation sees a normal forward call.
@@ -183,18 +231,17 @@ class CompletionLogProbs(nn.Module):
             use_cache=False,
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.source_index]
-        step = self.chunk_size if self.chunk_size > 0 else hidden.shape[0]
+        bounds = chunk_bounds(hidden.shape[0], self.chunk_size)
         pieces = []
-        for start in range(0, hidden.shape[0], step):
-            h = hidden[start : start + step]
-            t = batch.target_ids[start : start + step]
-            if torch.is_grad_enabled() and self.chunk_size > 0:
+        for i, (start, stop) in enumerate(bounds):
+            h, t = hidden[start:stop], batch.target_ids[start:stop]
+            if torch.is_grad_enabled() and i < len(bounds) - 1:
                 pieces.append(
                     checkpoint(_token_logps, head, h, t, self._softcap, use_reentrant=False)
                 )
             else:
                 pieces.append(_token_logps(head, h, t, self._softcap))
-        token_logps = torch.cat(pieces)
+        token_logps = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device)
         sums = sums.index_add(0, batch.seq_index, token_logps)
         counts = torch.bincount(batch.seq_index, minlength=batch.num_sequences)
