@@ -715,6 +715,12 @@ def drive(args: argparse.Namespace) -> int:
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
     print(table(rows))
+    if "trl" in runs and args.rounds > 1:
+        fastest = {name: min(r["whole_seconds"] for r in runs[name]) for name in order}
+        print(
+            "\nspeed-up vs trl from each variant's fastest round (noise only adds time): "
+            + ", ".join(f"{n} {fastest['trl'] / fastest[n]:.2f}x" for n in order if n != "trl")
+        )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
