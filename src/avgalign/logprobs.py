@@ -11,6 +11,19 @@ Two layouts of a batch of preference pairs:
   prompt ends. Every token is then computed exactly as in its own [prompt | completion] sequence,
   while the prompt is encoded (and backpropagated) once per pair instead of twice.
 - "concat": two rows per pair, [prompt | chosen] and [prompt | rejected], as most trainers do.
+  Rows holding one sequence are right-padded and given to the model with a plain 2D padding mask,
+  so the model builds its own attention masks and positions exactly as in `model(input_ids)`.
+
+Exactness. The shared-prompt mask is the model's own attention rule, taken from transformers
+(`causal_mask_function`, `sliding_window_causal_mask_function`) and evaluated on position ids
+instead of row indices, intersected with the segment rule above; one mask per kind of layer the
+config declares (`layer_types`: full or sliding-window attention), passed as the mapping the
+decoder accepts. Where a model's attention is of a kind this cannot express (chunked or linear
+attention, an attention implementation without additive masks, no `position_ids` input),
+`AttentionSpec.shared_prompt_problem` says why and callers fall back to "concat". The LM head is
+applied by hand (see Memory) with the model's own logit post-processing: Cohere's `logit_scale`,
+Granite's `logits_scaling`, the final-logit soft cap of Gemma-2/3. `check_against_model` compares
+the result with `model(input_ids).logits` on real pairs; the trainer runs it on the first batch.
 
 Memory: logits are computed only at the positions that predict a completion token, in chunks of
 at most `chunk_size` positions, so no [batch, length, vocab] tensor is ever built. Under autograd
@@ -25,14 +38,21 @@ The backward pass of the log-softmax writes the logits' gradient into the saved 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 LAYOUTS = ("shared_prompt", "concat")
+# attention kinds the shared-prompt mask reproduces, as named in a config's `layer_types`
+_MASKED_KINDS = ("full_attention", "sliding_attention")
+# attention implementations that take an additive [rows, 1, L, L] mask as given
+_ADDITIVE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 @dataclass
@@ -52,12 +72,12 @@ class PackedBatch:
     seq_index: torch.Tensor  # [num_tokens]
     num_sequences: int
     num_real_tokens: int  # tokens the model processes that are not padding
+    shared: bool = False  # some row holds several completions (the shared-prompt layout)
+    longest_sequence: int = 0  # tokens of the longest prompt + completion sequence
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        return PackedBatch(
-            **tensors, num_sequences=self.num_sequences, num_real_tokens=self.num_real_tokens
-        )
+        values = vars(self).items()
+        return PackedBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values})
 
 
 def pack_rows(
@@ -76,7 +96,7 @@ def pack_rows(
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     segment_ids = torch.full((n_rows, width), -1, dtype=torch.long)
     source, target, seq = [], [], []
-    num_sequences = 0
+    num_sequences = longest = 0
     for r, (prompt, comps) in enumerate(rows):
         if len(prompt) == 0:
             raise ValueError("every pair needs at least one prompt token (e.g. BOS)")
@@ -101,6 +121,7 @@ def pack_rows(
             target.append(torch.as_tensor(comp, dtype=torch.long))
             seq.append(torch.full((n,), k, dtype=torch.long))
             num_sequences = max(num_sequences, k + 1)
+            longest = max(longest, p + n)
             start += n
     return PackedBatch(
         input_ids=input_ids,
@@ -111,6 +132,8 @@ def pack_rows(
         seq_index=torch.cat(seq),
         num_sequences=num_sequences,
         num_real_tokens=int((segment_ids >= 0).sum()),
+        shared=any(len(comps) > 1 for _, comps in rows),
+        longest_sequence=longest,
     )
 
 
@@ -133,17 +156,79 @@ def pack_pairs(
     return pack_rows(rows, pad_id)
 
 
-def attention_mask_4d(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [rows, 1, L, L]: query i sees key j iff j <= i, j is not padding, and j is in
-    the prompt or in i's own completion. Every position sees itself, so no row is fully masked."""
-    length = segment_ids.shape[1]
-    idx = torch.arange(length, device=segment_ids.device)
-    causal = idx[None, :] <= idx[:, None]  # [L(query), L(key)]
-    seg_q = segment_ids[:, :, None]
-    seg_k = segment_ids[:, None, :]
-    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed = allowed | torch.eye(length, dtype=torch.bool, device=segment_ids.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+def _decoder(base: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (base itself when there is none). transformers'
+    get_decoder misses a few layouts, e.g. Llama-4's text model under `.model`."""
+    decoder = base.get_decoder()
+    if decoder is base and isinstance(getattr(base, "model", None), nn.Module):
+        return base.model
+    return decoder
+
+
+MaskRule = Callable[..., torch.Tensor]  # transformers' (batch, head, q, kv) -> allowed
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a packed batch must know of a model's self-attention: the kind of each layer
+    ("full_attention" or "sliding_attention", as in a config's `layer_types`), the window of the
+    sliding layers, and why the shared-prompt layout cannot reproduce it (None: it can)."""
+
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    shared_prompt_problem: str | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> AttentionSpec:
+        """Read from the config of a causal LM (or of the base model of a peft model). Layers
+        without `layer_types` are sliding-window layers when the config sets `sliding_window`, as
+        in Mistral, Mixtral and Phi-3."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config
+        window = getattr(config, "sliding_window", None)
+        n = getattr(config, "num_hidden_layers", 1)
+        layer_types = getattr(config, "layer_types", None) or [
+            "sliding_attention" if window is not None else "full_attention"
+        ] * n
+        problem = None
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        unknown = sorted(set(layer_types) - set(_MASKED_KINDS))
+        if unknown:
+            problem = f"its layers include {', '.join(unknown)}"
+        elif getattr(config, "attention_chunk_size", None):
+            problem = "it uses chunked attention"
+        elif getattr(config, "use_bidirectional_attention", False):
+            problem = "it uses bidirectional attention"
+        elif implementation not in _ADDITIVE_MASK_IMPLEMENTATIONS:
+            problem = f"attention implementation {implementation!r} takes no custom mask"
+        elif "position_ids" not in inspect.signature(_decoder(base).forward).parameters:
+            problem = "its decoder takes no position_ids"
+        if "sliding_attention" in layer_types and window is None:
+            problem = problem or "it has sliding-window layers but no sliding_window"
+        return cls(tuple(layer_types), window, problem)
+
+    def rule(self, layer_type: str, longest_sequence: int) -> MaskRule:
+        """The model's own attention rule for one kind of layer, from transformers. A window
+        wider than the longest sequence hides nothing: the plain causal rule, so that such a
+        batch needs one mask."""
+        if layer_type == "sliding_attention" and longest_sequence > self.sliding_window:
+            return sliding_window_causal_mask_function(self.sliding_window)
+        return causal_mask_function
+
+
+def shared_prompt_mask(batch: PackedBatch, rule: MaskRule, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [rows, 1, L, L] for rows [prompt | completion | completion ...]: query i sees
+    key j iff the model's rule allows it on their *positions* (so that a later completion, whose
+    positions restart after the prompt, is treated as if it alone followed the prompt), j is not
+    padding, and j is in the prompt or in i's own completion. Every position sees itself, so no
+    row is fully masked."""
+    seg, pos = batch.segment_ids, batch.position_ids
+    length = seg.shape[1]
+    allowed = rule(None, None, pos[:, :, None], pos[:, None, :])  # [rows, L(query), L(key)]
+    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
+    allowed = allowed & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=seg.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
@@ -184,14 +269,36 @@ class _PickedLogSoftmax(torch.autograd.Function):
         return g, None
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's causal-LM forward does to the LM head's output before the softmax:
+    logits * scale (Cohere's `logit_scale`; 1 / Granite's `logits_scaling`), then the final-logit
+    soft cap of Gemma-2 and Gemma-3, cap * tanh(logits / cap)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> LogitTransform:
+        scale = 1.0
+        if getattr(config, "logit_scale", None) is not None:
+            scale *= float(config.logit_scale)
+        if getattr(config, "logits_scaling", None) is not None:
+            scale /= float(config.logits_scaling)
+        return cls(scale, getattr(config, "final_logit_softcapping", None) or None)
+
+
 def _token_logps(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform: LogitTransform
 ):
     """log pi(target | position) for each row of `hidden` [n, d]: logits of the LM head, in
-    float32, log-softmax picked at the targets (after the final-logit soft cap, if any)."""
+    float32, post-processed as the model does, log-softmax picked at the targets."""
     logits = head(hidden).float()
-    if softcap:  # the gradient through the cap needs the capped logits: autograd's own ops
-        logits = torch.tanh(logits / softcap) * softcap
+    if transform.scale != 1.0:
+        logits = logits * transform.scale
+    if transform.softcap:  # the gradient through the cap needs the capped logits: autograd's ops
+        cap = transform.softcap
+        logits = torch.tanh(logits / cap) * cap
         picked = logits.gather(-1, targets[:, None]).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
     return _PickedLogSoftmax.apply(logits, targets)
@@ -212,23 +319,52 @@ class CompletionLogProbs(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        decoder, head = _decoder(base), base.get_output_embeddings()
         if decoder is base or head is None:
             raise ValueError(f"{type(base).__name__} does not expose a decoder and an LM head")
         # a plain tuple, so the submodules are not registered twice (they live under self.lm)
         self._parts = (decoder, head)
-        self._softcap = getattr(base.config, "final_logit_softcapping", None)
-        if getattr(base.config, "logit_scale", None) not in (None, 1.0):
-            raise ValueError("models with a logit_scale are not supported")
+        self.attention = AttentionSpec.of(base)
+        self.logit_transform = LogitTransform.of(base.config)
+        self.architecture = type(base).__name__
+
+    def layout_for(self, requested: str) -> str:
+        """The layout to pack batches in: the requested one, or "concat" where the shared-prompt
+        layout cannot be exact for this model (see AttentionSpec.shared_prompt_problem)."""
+        if requested not in LAYOUTS:
+            raise ValueError(f"unknown layout {requested!r}; expected one of {LAYOUTS}")
+        if requested == "shared_prompt" and self.attention.shared_prompt_problem:
+            return "concat"
+        return requested
+
+    def _attention_inputs(self, batch: PackedBatch, dtype: torch.dtype) -> dict:
+        if not batch.shared:
+            # one right-padded sequence per row: the model's own masks and positions
+            return {"attention_mask": (batch.segment_ids >= 0).long()}
+        if self.attention.shared_prompt_problem:
+            raise ValueError(
+                f"the shared_prompt layout cannot be exact for {self.architecture}: "
+                f"{self.attention.shared_prompt_problem}; use the concat layout"
+            )
+        rules = {
+            kind: self.attention.rule(kind, batch.longest_sequence)
+            for kind in self.attention.layer_types
+        }
+        masks = {}  # one mask per distinct rule, shared by the kinds of layer that use it
+        for rule in rules.values():
+            if rule not in masks:
+                masks[rule] = shared_prompt_mask(batch, rule, dtype)
+        if len(masks) == 1:
+            mask = next(iter(masks.values()))
+        else:  # per kind of layer, as the decoder's own mask mapping
+            mask = {kind: masks[rule] for kind, rule in rules.items()}
+        return {"attention_mask": mask, "position_ids": batch.position_ids}
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = self._parts
         dtype = next(head.parameters()).dtype
         hidden = decoder(
-            input_ids=batch.input_ids,
-            attention_mask=attention_mask_4d(batch.segment_ids, dtype),
-            position_ids=batch.position_ids,
-            use_cache=False,
+            input_ids=batch.input_ids, use_cache=False, **self._attention_inputs(batch, dtype)
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.source_index]
         bounds = chunk_bounds(hidden.shape[0], self.chunk_size)
@@ -237,15 +373,68 @@ class CompletionLogProbs(nn.Module):
             h, t = hidden[start:stop], batch.target_ids[start:stop]
             if torch.is_grad_enabled() and i < len(bounds) - 1:
                 pieces.append(
-                    checkpoint(_token_logps, head, h, t, self._softcap, use_reentrant=False)
+                    checkpoint(_token_logps, head, h, t, self.logit_transform, use_reentrant=False)
                 )
             else:
-                pieces.append(_token_logps(head, h, t, self._softcap))
+                pieces.append(_token_logps(head, h, t, self.logit_transform))
         token_logps = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device)
         sums = sums.index_add(0, batch.seq_index, token_logps)
         counts = torch.bincount(batch.seq_index, minlength=batch.num_sequences)
         return sums, counts
+
+
+def model_logp(lm: nn.Module, prompt: Sequence[int], completion: Sequence[int]) -> float:
+    """log pi(completion | prompt) from the model's own forward pass on the lone, unpadded
+    sequence, `lm(input_ids).logits`, summed in float64: what the layouts must reproduce."""
+    device = next(lm.parameters()).device
+    ids = torch.tensor([list(prompt) + list(completion)], device=device)
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        kwargs["logits_to_keep"] = len(completion) + 1  # the positions that predict completion
+    logits = lm(input_ids=ids, use_cache=False, **kwargs).logits[0, -len(completion) - 1 : -1]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return float(logp.gather(-1, torch.tensor(completion, device=device)[:, None]).sum())
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """Summed completion log-probs of the training path against the model's forward pass:
+    the largest |ours - model| / max(|model|, 1) over the checked sequences."""
+
+    layout: str
+    relative_error: float
+    sequences: int
+    seconds: float
+
+
+@torch.no_grad()
+def check_against_model(
+    scorer: CompletionLogProbs,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    layout: str,
+) -> SelfCheck:
+    """Pack (prompt, chosen, rejected) token-id pairs in `layout` as training does (several pairs:
+    padding included), and compare each completion's log-prob with `model_logp`. Dropout is off
+    for the check (eval mode); the caller chooses the autocast context."""
+    t0 = time.perf_counter()
+    lm = scorer.lm
+    was_training = lm.training
+    lm.eval()
+    try:
+        device = next(lm.parameters()).device
+        prompts, chosen, rejected = (list(column) for column in zip(*pairs))
+        sums, _ = scorer(pack_pairs(prompts, chosen, rejected, pad_id, layout).to(device))
+        expected = torch.tensor(
+            [model_logp(lm, p, c) for comps in (chosen, rejected) for p, c in zip(prompts, comps)],
+            dtype=torch.float64,
+        )
+    finally:
+        lm.train(was_training)
+    error = (sums.double().cpu() - expected).abs() / expected.abs().clamp(min=1.0)
+    return SelfCheck(layout, float(error.max()), len(expected), time.perf_counter() - t0)
 
 
 @torch.no_grad()
