@@ -3,6 +3,7 @@
     load_preferences(source) -> LoadReport.examples: list[PreferenceExample]   (texts)
     tokenize_pairs(examples, tokenizer) -> list[TokenizedPair], TruncationReport (token ids)
     length_stats(pairs) -> dict; format_length_stats(stats) -> str              (diagnostics)
+    prompt_rendering(examples, tokenizer) -> dict; write_/read_prompt_rendering  (provenance)
 
 Record formats (TRL dataset conventions), detected per record:
 - explicit: "prompt", "chosen" and "rejected" strings;
@@ -11,6 +12,16 @@ Record formats (TRL dataset conventions), detected per record:
   Rendered to text with the tokenizer's chat template;
 - implicit prompt strings (Anthropic HH-RLHF): only "chosen" and "rejected", each a whole dialogue
   "\\n\\nHuman: ... \\n\\nAssistant: ..."; see `split_implicit_prompt`.
+Each example records how its prompt text was made (`PreferenceExample.rendering`): "chat_template"
+for conversational records, "raw" for text taken as it is. A trained model's folder keeps that
+record (`prompt_rendering`, PROMPT_RENDERING_FILE), so that evaluation renders its prompts as
+training did.
+
+Completions end as the model generates them, with one stop token (`stop_token_ids`: EOS, or the
+chat template's end-of-turn token). A completion that already ends with one gets nothing more; one
+rendered by a chat template ("...<|im_end|>\\n") loses the whitespace after its end-of-turn token,
+which generation, stopping there, can never produce; any other (raw text) gets EOS appended. See
+`tokenize_pairs`.
 
 A bad record raises DataError (on_error="error") or is listed in LoadReport.skipped with its
 location and reason (on_error="skip"): nothing is dropped silently.
@@ -23,7 +34,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +44,12 @@ ASSISTANT_MARKER = "\n\nAssistant:"
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 _SUFFIXES = (*_JSON_SUFFIXES, ".parquet")
 _FIELDS = ("prompt", "chosen", "rejected")
+RENDERINGS = ("raw", "chat_template")  # how a PreferenceExample's prompt text was made
+PROMPT_RENDERING_FILE = "prompt_rendering.json"
+PROMPT_PLACEHOLDER = "{prompt}"  # the user message of the chat template probe
+# Content no chat template rewrites (no surrounding whitespace to trim, no markup), used to find
+# what a template writes after an assistant message.
+_SENTINEL = "AVGALIGNSENTINEL"
 
 
 class DataError(ValueError):
@@ -51,18 +68,21 @@ class PreferenceExample:
 
     `location` names the record: "path/file.jsonl:17" (1-based line), "path/file.parquet[3]" or
     "path/file.json[3]" (0-based index in a list), "hub-id[split]:3" (0-based row).
+    `rendering` says how the prompt text was made: "chat_template" (rendered from messages by the
+    tokenizer's chat template) or "raw" (the record's text as it is).
     """
 
     prompt: str
     chosen: str
     rejected: str
     location: str
+    rendering: str = "raw"
 
 
 @dataclass
 class TokenizedPair:
-    """Token ids of one pair. The completions hold completion tokens only and end with the EOS id
-    unless truncation cut them."""
+    """Token ids of one pair. The completions hold completion tokens only and end with one stop
+    token (`stop_token_ids`) unless truncation cut them."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
@@ -237,8 +257,10 @@ def _normalize_record(
         if values[name] is None:
             raise DataError(location, f"field '{name}' is missing")
     warnings = []
+    rendering = "raw"
     if any(isinstance(value, list) for value in values.values()):
         prompt, chosen, rejected = _render_conversation(values, location, tokenizer)
+        rendering = "chat_template"
     else:
         for name, value in values.items():
             if value is not None and not isinstance(value, str):
@@ -258,7 +280,7 @@ def _normalize_record(
             raise DataError(location, f"field '{name}' is an empty completion")
     if chosen == rejected:
         warnings.append(f"{location}: chosen and rejected are identical")
-    return PreferenceExample(prompt, chosen, rejected, location), warnings
+    return PreferenceExample(prompt, chosen, rejected, location, rendering), warnings
 
 
 def split_implicit_prompt(chosen: str, rejected: str, location: str = "") -> tuple[str, str, str]:
@@ -349,6 +371,71 @@ def _type_name(value: Any) -> str:
 # ----------------------------------------------------------------------------------- tokenisation
 
 
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids at which generation of a completion stops: the tokenizer's EOS, then the chat
+    template's end-of-turn token when the tokenizer has a chat template and it is another token.
+
+    The end-of-turn token is read from the template itself: a user message and an assistant
+    message whose content is a sentinel are rendered, and the text the template writes right
+    after the sentinel, whitespace stripped, is the end-of-turn token if it is exactly one added
+    (special) token of the tokenizer: "<|im_end|>" (SmolLM2, Qwen), "<|eot_id|>" (Llama 3),
+    "<end_of_turn>" (Gemma). A template that fails to render, or writes nothing or ordinary text
+    there, adds nothing. No duplicates; EOS first.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = [] if eos is None else [int(eos)]
+    end_of_turn = _end_of_turn_id(tokenizer)
+    if end_of_turn is not None and end_of_turn not in ids:
+        ids.append(end_of_turn)
+    return ids
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from jinja2 import TemplateError
+
+    messages = [
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": _SENTINEL},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, TypeError):
+        return None
+    if not isinstance(text, str) or _SENTINEL not in text:
+        return None
+    after = text[text.rindex(_SENTINEL) + len(_SENTINEL) :].strip()
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    token_id = added.get(after) if after else None
+    return None if token_id is None else int(token_id)
+
+
+def encode_prompt_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of prompt texts as training conditions on them: tokenizer(text,
+    add_special_tokens=True), so a BOS the tokenizer adds stays, with a doubled BOS (from a chat
+    template that writes it too) made single. Evaluation encodes prompts with this too."""
+    if not texts:
+        return []
+    # One batched call: the fast tokenizers parallelise over the batch.
+    rows = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [row[1:] if bos is not None and row[:2] == [bos, bos] else list(row) for row in rows]
+
+
+def _end_completion(
+    ids: list[int], stops: set[int], eos: int, is_blank: Callable[[int], bool]
+) -> list[int]:
+    """Completion ids ending with one stop token (the rule in `tokenize_pairs`)."""
+    end = len(ids)
+    while end > 0 and ids[end - 1] not in stops and is_blank(ids[end - 1]):
+        end -= 1
+    if end > 0 and ids[end - 1] in stops:
+        # generation stops at the stop token: whitespace after it can never be generated
+        return ids[:end]
+    return [*ids, eos]
+
+
 def tokenize_pairs(
     examples: Sequence[PreferenceExample],
     tokenizer: Any,
@@ -359,22 +446,31 @@ def tokenize_pairs(
 ) -> tuple[list[TokenizedPair], TruncationReport]:
     """Token ids of each pair, truncated so that len(prompt) + len(completion) <= max_length.
 
-    prompt_ids = tokenizer(prompt, add_special_tokens=True) (a BOS stays; a doubled BOS, from a
-    chat template that writes it too, is made single); completion ids =
-    tokenizer(completion, add_special_tokens=False) + [eos_token_id].
+    prompt_ids = `encode_prompt_texts` (tokenizer(prompt, add_special_tokens=True), a BOS stays,
+    a doubled one is made single). A completion ends as the model generates it, with exactly one
+    stop token (`stop_token_ids`: EOS, or the chat template's end-of-turn token); with
+    ids = tokenizer(completion, add_special_tokens=False):
+    - ids ending with a stop token: kept as they are, nothing appended;
+    - ids ending with a stop token followed only by whitespace tokens (a token whose decoded text
+      is blank), as a chat template renders a turn ("...<|im_end|>\\n"): the whitespace tokens
+      are dropped (generation stops at the stop token, so they can never be generated), nothing
+      appended;
+    - otherwise (raw text, e.g. HH-RLHF): ids + [eos_token_id].
+    So |y| = len(completion ids) counts the content and one stop token.
 
     Truncation, with L the longer completion and k = max_prompt_length (default max_length // 2):
     1. if len(prompt) + L > max_length, the prompt is cut from the LEFT to
        max(max_length - L, k) tokens: only as much as the longer completion needs, but never
        below k tokens, which guarantees the completions max_length - k tokens;
-    2. each completion is cut from the RIGHT to max_length - len(prompt) (a cut one loses its EOS).
+    2. each completion is cut from the RIGHT to max_length - len(prompt) (a cut one loses its stop
+       token).
     A pair whose kept prompt leaves no room for one completion token (possible only when
     k >= max_length) raises DataError under on_error="error" and is dropped and listed in the
     report under on_error="skip".
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; expected one of {ON_ERROR}")
-    eos, bos = tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None)
+    eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; completions must end with one")
     keep = max_length // 2 if max_prompt_length is None else max_prompt_length
@@ -382,24 +478,28 @@ def tokenize_pairs(
         raise ValueError(
             f"need max_length >= 2 and max_prompt_length >= 1, got {max_length}, {keep}"
         )
+    stops = set(stop_token_ids(tokenizer))
+    blank: dict[int, bool] = {}
 
-    def encode(texts: list[str], special: bool) -> list[list[int]]:
-        # One batched call per column: the fast tokenizers parallelise over the batch.
+    def is_blank(token: int) -> bool:
+        if token not in blank:
+            blank[token] = not tokenizer.decode([token]).strip()
+        return blank[token]
+
+    def completions(texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
+        rows = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [_end_completion(list(row), stops, eos, is_blank) for row in rows]
 
-    prompts = encode([e.prompt for e in examples], True)
-    chosens = encode([e.chosen for e in examples], False)
-    rejecteds = encode([e.rejected for e in examples], False)
+    prompts = encode_prompt_texts(tokenizer, [e.prompt for e in examples])
+    chosens = completions([e.chosen for e in examples])
+    rejecteds = completions([e.rejected for e in examples])
     report = TruncationReport(pairs=len(examples))
     pairs = []
     for example, prompt, chosen, rejected in zip(
         examples, prompts, chosens, rejecteds, strict=True
     ):
-        if bos is not None and prompt[:2] == [bos, bos]:
-            prompt = prompt[1:]
-        chosen, rejected = chosen + [eos], rejected + [eos]
         longest = max(len(chosen), len(rejected))
         prompt_cut = False
         if len(prompt) + longest > max_length:
@@ -421,6 +521,63 @@ def tokenize_pairs(
         report.rejected_truncated += len(rejected) > room
         pairs.append(TokenizedPair(prompt, chosen[:room], rejected[:room]))
     return pairs, report
+
+
+# ------------------------------------------------------------------------------------- provenance
+
+
+def prompt_rendering(examples: Sequence[PreferenceExample], tokenizer: Any) -> dict:
+    """How a dataset's prompts were rendered, as a JSON-able record for the trained model's folder:
+
+    {"rendering": "raw" | "chat_template" | "mixed" (the examples' `rendering`, or "mixed" when
+    they differ), "chat_template_probe": the tokenizer's rendering of one user message whose
+    content is "{prompt}", generation prompt included (it shows any system prompt the template
+    adds), or None when no example used the chat template}.
+    """
+    kinds = {e.rendering for e in examples}
+    if not kinds:
+        raise ValueError("prompt_rendering needs at least one example")
+    return {
+        "rendering": next(iter(kinds)) if len(kinds) == 1 else "mixed",
+        "chat_template_probe": chat_template_probe(tokenizer) if "chat_template" in kinds else None,
+    }
+
+
+def chat_template_probe(tokenizer: Any) -> str:
+    """The chat template's rendering of one user message whose content is "{prompt}", with the
+    generation prompt: what the template wraps around a prompt (and any system prompt it adds)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT_PLACEHOLDER}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+
+
+def write_prompt_rendering(folder: str | Path, record: dict) -> Path:
+    """Write `record` (from `prompt_rendering`) to folder/PROMPT_RENDERING_FILE; returns the path.
+    Atomic: a reader sees the old file or the new one, never half of one."""
+    path = Path(folder) / PROMPT_RENDERING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_prompt_rendering(folder: str | Path) -> dict | None:
+    """The record `write_prompt_rendering` wrote into `folder`, or None when there is none (no
+    such file, or `folder` is not a local folder, e.g. a hub id). DataError if it is unreadable."""
+    path = Path(folder).expanduser() / PROMPT_RENDERING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(str(path), f"not valid JSON ({err})") from None
+    kinds = (*RENDERINGS, "mixed")
+    if not isinstance(record, dict) or record.get("rendering") not in kinds:
+        raise DataError(str(path), f"'rendering' must be one of {', '.join(kinds)}")
+    return record
 
 
 # ------------------------------------------------------------------------------------ diagnostics
