@@ -13,8 +13,10 @@ import pytest
 import torch
 from conftest import make_model  # the shared tiny Llama (tokenizer: <pad> 0, <s> 1, </s> 2)
 
+from avgalign.data import DataError
 from avgalign.evaluation import (
     GenerationSettings,
+    PromptSet,
     ScoredCompletion,
     add_evaluate_parser,
     count_completion_tokens,
@@ -211,6 +213,19 @@ def test_generation_is_deterministic_and_counts_tokens_to_eos(tokenizer):
         assert c.prompt == prompts[c.prompt_index]
 
 
+def test_generation_leaves_the_callers_random_state_alone(tokenizer):
+    """Regression: generate_completions reseeded the global generator (torch.manual_seed)."""
+    model = tiny_lm(tokenizer, eos_probability=0.3)
+    kwargs = {"num_samples": 2, "max_new_tokens": 4, "batch_size": 3, "seed": 5, "progress": False}
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = generate_completions(model, tokenizer, ["w1", "w2 w3"], **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # a different caller state gives the same completions
+    second = generate_completions(model, tokenizer, ["w1", "w2 w3"], **kwargs)
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+
+
 def test_generation_pads_with_eos_without_a_pad_token_and_greedy_repeats(tokenizer):
     model = tiny_lm(tokenizer, seed=1).train()
     tokenizer = copy.deepcopy(tokenizer)
@@ -332,23 +347,31 @@ def test_summarize_evaluation_without_reference_or_logps():
     assert result.policy_length["mean"] == 2.5 and result.policy_score.mean == 1.5
 
 
-def test_read_prompts_formats_and_empty_file(tmp_path):
+def test_read_prompts_formats_and_errors(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("first prompt\n\nsecond\nthird\n")
-    assert read_prompts(str(txt), limit=2) == ["first prompt", "second"]
+    assert read_prompts(str(txt), limit=2) == PromptSet(["first prompt", "second"], None)
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
-    assert read_prompts(str(jsonl)) == ["a", "b"]
+    assert read_prompts(str(jsonl)) == PromptSet(["a", "b"], None)
     pairs = tmp_path / "pairs.jsonl"  # a preference dataset: its prompts, each once
     rows = [("q1", "a", "b"), ("q2", "c", "d"), ("q1", "e", "f")]
     pairs.write_text(
         "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows)
     )
-    assert read_prompts(str(pairs)) == ["q1", "q2"]
+    assert read_prompts(str(pairs)) == PromptSet(["q1", "q2"], "raw")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(SystemExit, match="error: no prompts"):
+    with pytest.raises(DataError, match=f"^{empty}: no prompts$"):
         read_prompts(str(empty))
+    with pytest.raises(DataError, match=f"^{tmp_path}/missing.txt: no such file$"):
+        read_prompts(str(tmp_path / "missing.txt"))
+    jsonl.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=f"^{jsonl}:2: not valid JSON"):
+        read_prompts(str(jsonl))
+    jsonl.write_text('{"prompt": "a"}\n["b"]\n')
+    with pytest.raises(DataError, match=f"^{jsonl}:2: no string 'prompt' field$"):
+        read_prompts(str(jsonl))
 
 
 def test_evaluate_cli(tmp_path, tiny_model_dir, scorer_module):

@@ -9,10 +9,13 @@ Layout, top to bottom:
   length_summary), each with its formula in the docstring;
 - generation (generate_completions) and the token counting it relies on (count_completion_tokens);
 - scoring (load_scorer: a Python function or a single-head reward model);
-- orchestration (evaluate_policy -> EvalResult), outputs (write_eval_outputs) and the CLI hook.
+- orchestration (evaluate_policy -> EvalResult), outputs (write_eval_outputs) and the CLI hook,
+  which renders prompts as the policy's training did (read_prompts, choose_chat_template, and the
+  record avgalign.data.prompt_rendering leaves in the model folder).
 
-Lengths are completion token counts |y| as in method.md: the EOS that ends a completion included,
-prompt and padding excluded.
+Lengths are completion token counts |y| as in method.md: the stop token that ends a completion
+(EOS, or the chat template's end-of-turn token: avgalign.data.stop_token_ids) included, prompt
+and padding excluded.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .data import (
+    PROMPT_RENDERING_FILE,
+    DataError,
+    chat_template_probe,
+    encode_prompt_texts,
+    load_preferences,
+    read_prompt_rendering,
+    stop_token_ids,
+)
+from .seeding import seeded
 
 # ---------------------------------------------------------------------------------------------
 # Pure metrics
@@ -303,10 +317,12 @@ def count_completion_tokens(generated: Sequence[int], eos_ids: set[int]) -> tupl
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
+    """Where generation stops: the model's generation-config EOS ids and the tokenizer's stop
+    tokens (EOS and the chat template's end-of-turn token), so generated completions end where
+    training completions end (avgalign.data.tokenize_pairs)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+    ids.extend(stop_token_ids(tokenizer))
     if not ids:
         raise ValueError("neither the model's generation config nor the tokenizer defines an EOS")
     return {int(i) for i in ids}
@@ -328,8 +344,11 @@ def encode_prompts(
     tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], use_chat_template="auto"
 ) -> list[list[int]]:
     """Prompt token ids. Strings get the tokenizer's chat template (one user turn plus the
-    generation prompt) when use_chat_template is True, or "auto" and the tokenizer has one;
-    token-id prompts are taken as they are."""
+    generation prompt) when use_chat_template is True, or "auto" and the tokenizer has one, and
+    are then tokenized as training tokenizes prompts (avgalign.data.encode_prompt_texts): a
+    templated string gets the ids a conversational record with that one user message trains on,
+    an untemplated one the ids of the same text as a raw-text record. Token-id prompts are taken
+    as they are."""
     if use_chat_template not in ("auto", True, False):
         raise ValueError(f"use_chat_template must be 'auto', True or False: {use_chat_template!r}")
     if not prompts or not isinstance(prompts[0], str):
@@ -338,15 +357,14 @@ def encode_prompts(
     if use_chat_template is True and not has_template:
         raise ValueError("use_chat_template=True but the tokenizer has no chat template")
     if use_chat_template is False or not has_template:
-        return [list(tokenizer(p)["input_ids"]) for p in prompts]
+        return encode_prompt_texts(tokenizer, prompts)
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
         )
         for p in prompts
     ]
-    # the template already holds the special tokens (BOS, role markers)
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return encode_prompt_texts(tokenizer, texts)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +400,8 @@ def generate_completions(
     from pi at `temperature`, with nucleus `top_p` (top-k is switched off, whatever the model's
     generation config says, so that temperature 1 and top_p 1 sample pi itself). Each batch of
     `batch_size` sequences is seeded with seed + batch index, so a given (prompts, settings) gives
-    the same completions whatever ran before.
+    the same completions whatever ran before; the caller's random generators are left as they
+    were (avgalign.seeding.seeded).
     """
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
@@ -398,8 +417,7 @@ def generate_completions(
     for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
         batch = jobs[start : start + batch_size]
         input_ids, attention_mask = _left_pad([prompt_ids[i] for i, _ in batch], pad_id)
-        torch.manual_seed(seed + batch_index)
-        with eval_mode(model), torch.inference_mode():
+        with seeded(seed + batch_index, device), eval_mode(model), torch.inference_mode():
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -872,48 +890,156 @@ def plot_length_and_score(
 # ---------------------------------------------------------------------------------------------
 
 
-def read_prompts(source: str, *, limit: int | None = None, split: str = "test") -> list[str]:
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts to evaluate on, as the scorer reads them (`texts`).
+
+    rendering: None for plain prompts (a .txt file, a .jsonl of "prompt" rows), which still wait
+    for the chat-template decision (`choose_chat_template`); for the prompts of a preference
+    dataset, how avgalign.data rendered them ("raw", "chat_template" or "mixed"): those are final,
+    tokenized as training tokenizes prompts and never templated again.
+    """
+
+    texts: list[str]
+    rendering: str | None = None
+
+
+def read_prompts(
+    source: str, *, tokenizer=None, limit: int | None = None, split: str = "test"
+) -> PromptSet:
     """Prompts from a .txt file (one per line, blank lines skipped), a .jsonl file whose rows have
     a "prompt" and no "chosen" field, or any preference dataset avgalign.data.load_preferences
-    reads (its prompts, duplicates dropped, in order). At most `limit` prompts."""
-    path = Path(source)
+    reads (its prompts, duplicates dropped, in order), loaded with `tokenizer` as training loads
+    it, so conversational records are rendered by the chat template exactly as in training (a
+    tokenizer with a chat template is needed only for those). At most `limit` prompts.
+    A bad source raises DataError, one line: "<location>: <reason>"."""
+    path = Path(source).expanduser()
     if path.suffix == ".txt":
-        if not path.is_file():
-            raise SystemExit(f"error: prompt file not found: {source}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix == ".jsonl" and path.is_file() and _is_prompt_jsonl(path):
-        prompts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        lines = _read_lines(path, source)
+        prompts, rendering = [line for line in lines if line.strip()], None
+    elif path.suffix == ".jsonl" and path.is_file() and _is_prompt_jsonl(path, source):
+        prompts, rendering = [], None
+        for number, line in enumerate(_read_lines(path, source), 1):
             if line.strip():
-                prompt = json.loads(line).get("prompt")
+                row = _json_row(line, f"{source}:{number}")
+                prompt = row.get("prompt") if isinstance(row, dict) else None
                 if not isinstance(prompt, str):
-                    raise SystemExit(f"error: {source}:{number}: no string 'prompt' field")
+                    raise DataError(f"{source}:{number}", "no string 'prompt' field")
                 prompts.append(prompt)
     else:
-        from .data import DataError, load_preferences
-
-        try:
-            # only prompts are needed: a pair with a broken completion still gives its prompt
-            examples = load_preferences(source, split=split, on_error="skip").examples
-        except DataError as e:
-            raise SystemExit(f"error: {e}") from e
-        prompts = list(dict.fromkeys(e.prompt for e in examples))
-    prompts = prompts[:limit] if limit is not None else prompts
+        # only prompts are needed: a pair with a broken completion still gives its prompt
+        examples = load_preferences(source, split=split, tokenizer=tokenizer, on_error="skip")
+        renderings: dict[str, str] = {}  # prompt -> its rendering, in order of first appearance
+        for e in examples.examples:
+            renderings.setdefault(e.prompt, e.rendering)
+        prompts = list(renderings)
+        kinds = {renderings[p] for p in prompts[:limit]}
+        rendering = kinds.pop() if len(kinds) == 1 else "mixed"
+    prompts = prompts[:limit]
     if not prompts:
-        raise SystemExit(f"error: no prompts in {source}")
-    return prompts
+        raise DataError(source, "no prompts")
+    return PromptSet(prompts, rendering)
 
 
-def _is_prompt_jsonl(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path}: first record is not JSON: {e}") from e
-                return isinstance(row, dict) and "prompt" in row and "chosen" not in row
+def _read_lines(path: Path, source: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(source, "no such file")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(source, f"invalid UTF-8 at byte {e.start}") from None
+
+
+def _json_row(line: str, location: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(location, f"not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _is_prompt_jsonl(path: Path, source: str) -> bool:
+    """Whether the first record has a "prompt" and no "chosen" field (read up to it only)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    row = _json_row(line, f"{source}:{number}")
+                    return isinstance(row, dict) and "prompt" in row and "chosen" not in row
+    except UnicodeDecodeError:
+        raise DataError(source, "not UTF-8 text") from None
     return True  # empty file: read as prompts, then reported as empty
+
+
+CHAT_TEMPLATE_CHOICES = ("trained", "auto", "yes", "no")
+_RENDERING_WORDS = {
+    "raw": "raw text",
+    "chat_template": "rendered with the chat template",
+    "mixed": "partly raw text, partly rendered with the chat template",
+}
+
+
+def choose_chat_template(
+    prompts: PromptSet, choice: str, policy: str | Path, tokenizer
+) -> tuple[bool, str]:
+    """(use_chat_template for generate_completions, one line saying which rendering and why).
+
+    A preference dataset's prompts are never templated again: they already are what training
+    conditioned on. Plain prompts follow `choice`: "yes" wrap them in the tokenizer's chat
+    template, "no" don't, "auto" wrap them when the tokenizer has a template, "trained" (the CLI
+    default) render them as the policy's training prompts were, read from
+    <policy>/prompt_rendering.json ("chat_template": wrap, "raw": don't); a missing record, or one
+    that says "mixed", falls back to "auto", and the line says so.
+    """
+    if choice not in CHAT_TEMPLATE_CHOICES:
+        raise ValueError(f"chat template choice must be one of {CHAT_TEMPLATE_CHOICES}: {choice!r}")
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    record_path = Path(policy).expanduser() / PROMPT_RENDERING_FILE
+    record = read_prompt_rendering(policy)
+    recorded = record["rendering"] if record else None
+
+    if prompts.rendering is not None:
+        line = (
+            f"prompts: the dataset's own, {_RENDERING_WORDS[prompts.rendering]}, tokenized as "
+            "training tokenizes them (no chat template added)"
+        )
+        if choice != "trained":
+            line += f"; --chat-template {choice} applies only to plain prompts"
+        if recorded is not None and recorded != prompts.rendering:
+            line += f"; note: {record_path} records {_RENDERING_WORDS[recorded]} in training"
+        return False, line
+
+    def words(wrap: bool) -> str:
+        return "wrapped in the chat template" if wrap else "raw text"
+
+    if choice == "yes" and not has_template:
+        raise ValueError("--chat-template yes, but the tokenizer has no chat template")
+    if choice in ("yes", "no"):
+        return choice == "yes", f"prompts: {words(choice == 'yes')} (--chat-template {choice})"
+    having = "the tokenizer " + ("has a chat template" if has_template else "has no chat template")
+    if choice == "auto":
+        return has_template, f"prompts: {words(has_template)} (--chat-template auto: {having})"
+    if recorded in ("raw", "chat_template"):
+        wrap = recorded == "chat_template"
+        if wrap and not has_template:
+            raise ValueError(
+                f"{record_path} records chat-template prompts, but the tokenizer has no chat "
+                "template; give --chat-template no to evaluate on raw text"
+            )
+        line = f"prompts: {words(wrap)}, as recorded in {record_path}"
+        probe = record.get("chat_template_probe")
+        if wrap and probe is not None and probe != chat_template_probe(tokenizer):
+            line += (
+                "; warning: the tokenizer's chat template renders a prompt differently from the "
+                "recorded one"
+            )
+        return wrap, line
+    if record:
+        why = f"{record_path} records mixed renderings"
+    else:
+        why = f"no {PROMPT_RENDERING_FILE} in {policy}"
+    return has_template, (
+        f"prompts: {words(has_template)}; {why}, so falling back to --chat-template auto ({having})"
+    )
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
@@ -939,9 +1065,12 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="greedy decoding (no KL estimate)")
     p.add_argument(
         "--chat-template",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="wrap prompts in the tokenizer's chat template (auto: if it has one)",
+        choices=CHAT_TEMPLATE_CHOICES,
+        default="trained",
+        help="wrap plain prompts (.txt, 'prompt' .jsonl) in the tokenizer's chat template: "
+        "trained (default): as the policy was trained, from its prompt_rendering.json (auto if "
+        "none); auto: if the tokenizer has one; yes; no. A preference dataset's prompts are "
+        "always rendered as in training",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -967,14 +1096,23 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
     from .models import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = read_prompts(args.prompts, limit=args.limit, split=args.split)
     try:
+        tokenizer = load_tokenizer(ModelConfig(name=args.policy))
+    except (FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: cannot load the tokenizer of {args.policy!r}: {e}") from e
+    try:
+        prompts = read_prompts(
+            args.prompts, tokenizer=tokenizer, limit=args.limit, split=args.split
+        )
+        use_chat_template, line = choose_chat_template(
+            prompts, args.chat_template, args.policy, tokenizer
+        )
         scorer = load_scorer(args.scorer, device=device, batch_size=args.batch_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
+    print(line)
     policy = _load_causal_lm(args.policy, args.dtype, device)
     reference = _load_causal_lm(args.reference, args.dtype, device) if args.reference else None
-    tokenizer = load_tokenizer(ModelConfig(name=args.policy))
     settings = GenerationSettings(
         num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens,
@@ -983,9 +1121,9 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
         do_sample=not args.greedy,
         batch_size=args.batch_size,
         seed=args.seed,
-        use_chat_template={"auto": "auto", "yes": True, "no": False}[args.chat_template],
+        use_chat_template=use_chat_template,
     )
-    result = evaluate_policy(policy, reference, tokenizer, prompts, scorer, settings=settings)
+    result = evaluate_policy(policy, reference, tokenizer, prompts.texts, scorer, settings=settings)
     paths = write_eval_outputs(result, result.completions, args.out)
     print(json.dumps(result.to_dict(), indent=2))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -25,6 +25,7 @@ from .evaluation import (
     reward_model_scores,
     win_rate,
 )
+from .seeding import seeded
 
 PairTexts = tuple[str, str, str]  # (prompt, chosen, rejected)
 
@@ -138,40 +139,42 @@ def train_reward_model(
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    torch.manual_seed(seed)  # the new head's initialisation
-    model = prepare_reward_model(_load_backbone(backbone_path_or_model), tokenizer).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    order_rng = random.Random(seed)
-    epoch_losses = []
-    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-    bar = tqdm(total=steps, desc="reward model", disable=not progress)
-    model.train()
-    for _ in range(epochs):
-        order = list(range(len(train)))
-        order_rng.shuffle(order)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = [train[i] for i in order[start : start + batch_size]]
-            prompts = [p for p, _, _ in batch]
-            # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
-            input_ids, attention_mask = encode_reward_inputs(
-                tokenizer,
-                prompts + prompts,
-                [c for _, c, _ in batch] + [r for _, _, r in batch],
-                max_length=max_length,
-            )
-            rewards = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-            ).logits[:, 0]
-            loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        epoch_losses.append(total / len(train))
-    bar.close()
+    # the new head's initialisation and the dropout masks, from the run's own seed: the
+    # caller's random streams are left as they were
+    with seeded(seed, device):
+        model = prepare_reward_model(_load_backbone(backbone_path_or_model), tokenizer).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        order_rng = random.Random(seed)
+        epoch_losses = []
+        steps = epochs * ((len(train) + batch_size - 1) // batch_size)
+        bar = tqdm(total=steps, desc="reward model", disable=not progress)
+        model.train()
+        for _ in range(epochs):
+            order = list(range(len(train)))
+            order_rng.shuffle(order)
+            total = 0.0
+            for start in range(0, len(order), batch_size):
+                batch = [train[i] for i in order[start : start + batch_size]]
+                prompts = [p for p, _, _ in batch]
+                # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
+                input_ids, attention_mask = encode_reward_inputs(
+                    tokenizer,
+                    prompts + prompts,
+                    [c for _, c, _ in batch] + [r for _, _, r in batch],
+                    max_length=max_length,
+                )
+                rewards = model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                ).logits[:, 0]
+                loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            epoch_losses.append(total / len(train))
+        bar.close()
 
     prompts = [p for p, _, _ in held_out]
     score = {"batch_size": batch_size, "max_length": max_length}

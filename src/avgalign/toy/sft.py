@@ -19,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, get_scheduler
 
+from ..seeding import seeded
+
 IGNORE = -100  # label of positions that are not predicted (prompt, padding)
 
 
@@ -76,8 +78,8 @@ def build_model(tokenizer, size: ModelSize, seed: int):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with seeded(seed):  # the caller's random streams are left as they were
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
