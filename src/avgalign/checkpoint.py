@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError, config_changes
+from .data import PROMPT_RENDERING_FILE
+
 _NAME = re.compile(r"^step-(\d+)$")
+# What a run writes into its output folder. A folder holding one of the first five holds a run
+# that made progress; config.yaml and the others alone are left by a run stopped during set-up.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "summary.json", "model", "adapter")
+HELDOUT_FILE = "heldout.jsonl"  # the held-out pairs as text, for `avgalign evaluate --prompts`
+SETUP_FILES = ("config.yaml", "tensorboard", PROMPT_RENDERING_FILE, HELDOUT_FILE)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -31,6 +40,62 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def check_output_dir(
+    output_dir: Path, config: dict[str, Any], *, resume: bool, overwrite: bool
+) -> tuple[Path | None, list[Path]]:
+    """Decide, before a run starts, what to do with its output folder; writes nothing.
+
+    Returns (checkpoint to resume from or None, files of an earlier run to delete first). A fresh
+    run into a folder that holds a run is refused (ConfigError) unless `overwrite`. `resume` takes
+    the newest complete checkpoint, refused when it was saved with a config that differs from
+    `config` outside config.RESUMABLE_CHANGES (the message names the keys); with no checkpoint
+    it starts from step 0, replacing what the folder holds if its config.yaml matches. Pure, so
+    that every process of a multi-process run reaches the same decision before any deletes.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} is a file; give a folder path")
+    found = list_checkpoints(out) if resume else []
+    if found:
+        state = json.loads((found[-1] / "state.json").read_text())
+        saved = state.get("config") or _saved_config(out)
+        changes = config_changes(saved, config) if saved is not None else []
+        if changes:
+            raise ConfigError(
+                f"cannot resume from {found[-1]}: it was saved with another config "
+                f"({'; '.join(changes)}); resume with the same values, or start a fresh run "
+                "with train.overwrite=true (--overwrite)"
+            )
+        return found[-1], []
+    existing = [out / name for name in RUN_FILES if (out / name).exists()]
+    leftovers = [out / name for name in SETUP_FILES if (out / name).exists()]
+    if not existing:
+        return None, leftovers
+    saved = _saved_config(out)
+    same_run = resume and saved is not None and not config_changes(saved, config)
+    if not (overwrite or same_run):
+        how = "" if resume else "resume it with train.resume=true (--resume), "
+        raise ConfigError(
+            f"train.output_dir: {out} already holds a run "
+            f"({', '.join(p.name for p in existing)}); {how}replace it with "
+            "train.overwrite=true (--overwrite), or choose another folder"
+        )
+    return None, existing + leftovers
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _saved_config(output_dir: Path) -> dict[str, Any] | None:
+    path = Path(output_dir) / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -47,8 +112,10 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
+    scaler: Any = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` ones."""
+    """Write checkpoint `step` atomically and keep only the newest `keep` ones. `scaler`: the
+    fp16 loss scaler, if any, whose scale resumes where it was."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -63,6 +130,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "scaler": scaler.state_dict() if scaler is not None else None,
         },
         tmp / "optimizer.pt",
     )
@@ -79,7 +147,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any = None,
 ) -> dict[str, Any]:
     """Restore what save_checkpoint wrote; returns state.json (with 'step')."""
     weights = load_file(str(path / "weights.safetensors"))
@@ -94,6 +166,8 @@ def load_checkpoint(
     state = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

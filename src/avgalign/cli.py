@@ -37,6 +37,8 @@ def _train(args: argparse.Namespace) -> None:
             overrides.append(f"{key}={value}")
     if args.resume:
         overrides.append("train.resume=true")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     cfg = load_config(args.config, overrides)  # fully validated before any model is loaded
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a dataset file or hub id (--data)")
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the newest complete "
         "checkpoint in the output folder (train.resume=true); starts fresh if none",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in the output folder (train.overwrite=true); without it, "
+        "such a folder is refused",
     )
     p.set_defaults(func=_train)
 

@@ -98,7 +98,11 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: none; a stop signal still saves one)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint in output_dir, if any
+    overwrite: bool = False  # a fresh run may replace the run already in output_dir
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is not finite
+    # before the first step, one pair through the training path and through model(...): a
+    # difference stops the run (an architecture whose forward pass is not reproduced)
+    self_check: bool = True
 
 
 @dataclass
@@ -110,6 +114,50 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys a resumed run may change: they do not alter the trajectory up to the checkpoint.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.max_steps",
+        "train.epochs",
+        "train.output_dir",
+        "train.resume",
+        "train.overwrite",
+        "train.progress",
+        "train.tensorboard",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.reference_cache_dir",
+        "train.self_check",
+        "train.save_model",
+    }
+)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"beta": 0.1}} -> {"loss.beta": 0.1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], allowed: frozenset[str] = RESUMABLE_CHANGES
+) -> list[str]:
+    """'key: old -> new' for every key that differs between two config dicts, except `allowed`."""
+    a, b = flatten(old), flatten(new)
+    return [
+        f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if key not in allowed and a.get(key) != b.get(key)
+    ]
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -165,6 +213,9 @@ def from_mapping(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = from_mapping(annotation, value, f"{prefix}{name}.")
         else:
+            if annotation == "str" or annotation is str:
+                # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means the string
+                value = "no" if value is False and name == "mixed_precision" else value
             kwargs[name] = _check_type(f"{prefix}{name}", value, annotation)
     return cls(**kwargs)
 

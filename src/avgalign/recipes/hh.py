@@ -66,6 +66,7 @@ from ..evaluation import (
 from ..logprobs import sequence_logps
 from ..models import is_peft, load_model, load_tokenizer, resolve_model_path
 from ..reward_model import RewardModelResult, train_reward_model
+from ..seeding import seeded
 from ..study import (
     RunSpec,
     eval_measurements,
@@ -337,10 +338,10 @@ def gold_reward_model(cfg: RecipeConfig, tokenizer, split: Split, say) -> tuple[
         return out, {**json.loads(info_path.read_text()), "from_cache": True}
     from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(cfg.data.seed)  # the scalar head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(cfg.policy.model.name), num_labels=1
-    )
+    with seeded(cfg.data.seed):  # the scalar head's initialisation; the caller's RNG untouched
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(cfg.policy.model.name), num_labels=1
+        )
     freeze_backbone(model, rm.trainable_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"gold reward model: training on {len(split.parts['rm_train'])} pairs "
@@ -573,10 +574,12 @@ def run_recipe(cfg: RecipeConfig, out: str | Path, *, command: str = "") -> Reci
     def run_one(spec: RunSpec) -> dict[str, Any]:
         run_dir = out / "runs" / spec.key.replace("/", "_")
         shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
-        policy = load_model(cfg.policy.model)
+        run_cfg = run_config(cfg, spec, run_dir / "train")
+        # LoRA adapters from the run's seed: the same cell alone, in a sweep or resumed
+        policy = load_model(cfg.policy.model, seed=run_cfg.train.seed)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # keep the sweep's progress bar readable
-            result = train(run_config(cfg, spec, run_dir / "train"), model=policy,
+            result = train(run_cfg, model=policy,
                            tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs)
         (run_dir / "train" / "train.log").write_text(log.getvalue())
         t_eval = time.perf_counter()
