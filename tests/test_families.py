@@ -2,9 +2,10 @@
 completion log-probs (and their gradients) of the model's own forward pass on each lone sequence.
 
 Sliding-window families get a window (7) several times shorter than the test sequences (up to ~40
-tokens), so a lost window shows; Gemma-2 and Gemma-3 mix sliding and full layers and soft-cap their
-logits; Granite and Cohere scale their logits. A family whose attention the shared-prompt mask
-cannot express (Llama-4's chunked attention) falls back to the concat layout, which is exact for it.
+tokens), so a lost window shows; Gemma-2, Gemma-3, Cohere-2 and GPT-OSS mix sliding and full
+layers; Gemma soft-caps its logits, Granite, Cohere and Falcon-H1 scale them. A family whose
+attention the shared-prompt mask cannot express (chunked, linear or Mamba layers, ALiBi) falls
+back to the concat layout, which is exact for it, and refuses a shared batch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def _llama_like(cls, **kw):
     )
 
 
-# name -> tiny config; every model is float32 with transformers' default attention implementation
+# name -> tiny config; every model is float32 with transformers' default attention implementation.
+# The shared-prompt layout is exact for these:
 FAMILIES = {
     "llama": lambda: _llama_like(tf.LlamaConfig),
     "mistral": lambda: _llama_like(tf.MistralConfig, sliding_window=WINDOW),
@@ -75,6 +77,20 @@ FAMILIES = {
         attention_multiplier=0.3,
     ),
     "cohere": lambda: _llama_like(tf.CohereConfig, logit_scale=0.25),
+    "cohere2": lambda: _llama_like(
+        tf.Cohere2Config, num_hidden_layers=4, sliding_window=WINDOW, logit_scale=0.25
+    ),
+    "starcoder2": lambda: _llama_like(tf.Starcoder2Config, sliding_window=WINDOW),
+    "gpt_oss": lambda: _llama_like(
+        tf.GptOssConfig,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=WINDOW,
+    ),
+    "falcon": lambda: tf.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4
+    ),
     "gpt2": lambda: tf.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=256
     ),
@@ -99,7 +115,61 @@ FAMILIES = {
     "olmo2": lambda: _llama_like(tf.Olmo2Config),
     "stablelm": lambda: _llama_like(tf.StableLmConfig),
 }
-SLIDING = {"mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"}
+# ... and these it cannot express: they fall back to concat, which is exact for them.
+FALLBACK_FAMILIES = {
+    "llama4_text": lambda: _llama_like(  # chunked attention
+        tf.Llama4TextConfig,
+        num_hidden_layers=4,
+        intermediate_size_mlp=64,
+        head_dim=8,
+        num_local_experts=2,
+        attention_chunk_size=WINDOW,
+    ),
+    "qwen3_next": lambda: _llama_like(  # linear attention layers
+        tf.Qwen3NextConfig,
+        num_hidden_layers=4,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    ),
+    "falcon_h1": lambda: _llama_like(  # attention + Mamba-2 layers, lm_head_multiplier
+        tf.FalconH1Config,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        lm_head_multiplier=0.5,
+    ),
+    "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4),  # ALiBi
+    "falcon_alibi": lambda: tf.FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        alibi=True,
+        new_decoder_architecture=False,
+    ),
+    "mpt": lambda: tf.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4),  # ALiBi
+}
+SLIDING = {
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "cohere2",
+    "starcoder2",
+    "gpt_oss",
+}
 
 
 def build(config, seed: int = 0):
@@ -107,9 +177,14 @@ def build(config, seed: int = 0):
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted(FAMILIES) + sorted(FALLBACK_FAMILIES))
 def family(request):
-    return request.param, build(FAMILIES[request.param]())
+    name = request.param
+    return name, build({**FAMILIES, **FALLBACK_FAMILIES}[name]())
+
+
+def layouts(name: str) -> list[str]:
+    return ["shared_prompt", "concat"] if name in FAMILIES else ["concat"]
 
 
 def random_pairs(seed: int = 0, n: int = 3):
@@ -148,17 +223,21 @@ def test_the_sequences_outrun_the_windows(seed, n):
     assert longest >= 4 * WINDOW
 
 
-@pytest.mark.parametrize("layout", ["shared_prompt", "concat"])
-def test_log_probs_match_the_model_forward(family, layout):
+def test_log_probs_match_the_model_forward(family):
     name, lm = family
     scorer = CompletionLogProbs(lm, chunk_size=0)
-    assert scorer.layout_for(layout) == layout  # every family here is exact in both
     prompts, chosen, rejected = random_pairs()
+    expected_layouts = layouts(name)
+    assert scorer.layout_for("shared_prompt") == expected_layouts[0]
     with torch.no_grad():
-        sums, counts = scorer(pack_pairs(prompts, chosen, rejected, 0, layout))
         expected = expected_logps(lm, prompts, chosen, rejected)
-    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
-    assert counts.tolist() == [len(c) for c in chosen] + [len(r) for r in rejected]
+        for layout in expected_layouts:
+            sums, counts = scorer(pack_pairs(prompts, chosen, rejected, 0, layout))
+            torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
+            assert counts.tolist() == [len(c) for c in chosen] + [len(r) for r in rejected]
+        if name in FALLBACK_FAMILIES:  # asked for anyway, a shared batch is refused, not wrong
+            with pytest.raises(ValueError, match="cannot be exact for"):
+                scorer(pack_pairs(prompts, chosen, rejected, 0, "shared_prompt"))
 
 
 @pytest.mark.parametrize("layout", ["shared_prompt", "concat"])
@@ -166,6 +245,8 @@ def test_gradients_match_the_model_forward(family, layout):
     """With grad: checkpointed LM-head chunks (chunk_size 5), values and every parameter's
     gradient against autograd through the model's own forward pass."""
     name, lm = family
+    if layout not in layouts(name):
+        pytest.skip(f"{name} falls back to concat")
     prompts, chosen, rejected = random_pairs(1, n=2)
     weights = torch.linspace(0.5, 1.5, 2 * len(prompts), dtype=torch.float64)
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -205,33 +286,19 @@ def test_a_window_wider_than_the_batch_needs_one_mask():
     assert spec.rule("sliding_attention", WINDOW + 1) is not spec.rule("full_attention", 1)
 
 
-def test_chunked_attention_falls_back_to_the_exact_concat_layout():
-    """Llama-4 text: chunked-attention layers, which the shared-prompt mask does not express. The
-    scorer says so, packs as concat, and concat (the model's own masks) is exact."""
-    config = tf.Llama4TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        intermediate_size_mlp=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=2,
-        attention_chunk_size=WINDOW,
-        max_position_embeddings=256,
-    )
-    lm = build(config)
-    scorer = CompletionLogProbs(lm, chunk_size=0)
-    assert "chunked_attention" in scorer.attention.shared_prompt_problem
-    assert scorer.layout_for("shared_prompt") == "concat"
-    prompts, chosen, rejected = random_pairs()
-    with torch.no_grad():
-        with pytest.raises(ValueError, match="cannot be exact for Llama4ForCausalLM"):
-            scorer(pack_pairs(prompts, chosen, rejected, 0, "shared_prompt"))
-        sums, _ = scorer(pack_pairs(prompts, chosen, rejected, 0, "concat"))
-        expected = expected_logps(lm, prompts, chosen, rejected)
-    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
+def test_why_the_fallback_families_fall_back():
+    problems = {
+        name: CompletionLogProbs(build(FALLBACK_FAMILIES[name]())).attention.shared_prompt_problem
+        for name in FALLBACK_FAMILIES
+    }
+    assert problems == {
+        "llama4_text": "its layers include chunked_attention",
+        "qwen3_next": "its layers include linear_attention",
+        "falcon_h1": "its layers include hybrid",
+        "bloom": "its decoder takes no position_ids",
+        "falcon_alibi": "its ALiBi biases are built from a 2D mask",
+        "mpt": "its decoder takes no position_ids",
+    }
 
 
 def test_attention_without_additive_masks_falls_back():

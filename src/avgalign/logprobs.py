@@ -199,6 +199,8 @@ class AttentionSpec:
             problem = "it uses chunked attention"
         elif getattr(config, "use_bidirectional_attention", False):
             problem = "it uses bidirectional attention"
+        elif getattr(config, "alibi", False):
+            problem = "its ALiBi biases are built from a 2D mask"
         elif implementation not in _ADDITIVE_MASK_IMPLEMENTATIONS:
             problem = f"attention implementation {implementation!r} takes no custom mask"
         elif "position_ids" not in inspect.signature(_decoder(base).forward).parameters:
@@ -272,8 +274,9 @@ class _PickedLogSoftmax(torch.autograd.Function):
 @dataclass(frozen=True)
 class LogitTransform:
     """What a model's causal-LM forward does to the LM head's output before the softmax:
-    logits * scale (Cohere's `logit_scale`; 1 / Granite's `logits_scaling`), then the final-logit
-    soft cap of Gemma-2 and Gemma-3, cap * tanh(logits / cap)."""
+    logits * scale (Cohere's `logit_scale`, 1 / Granite's `logits_scaling`, Falcon-H1's
+    `lm_head_multiplier`), then the final-logit soft cap of Gemma-2 and Gemma-3,
+    cap * tanh(logits / cap)."""
 
     scale: float = 1.0
     softcap: float | None = None
@@ -285,6 +288,8 @@ class LogitTransform:
             scale *= float(config.logit_scale)
         if getattr(config, "logits_scaling", None) is not None:
             scale /= float(config.logits_scaling)
+        if getattr(config, "lm_head_multiplier", None) is not None:
+            scale *= float(config.lm_head_multiplier)
         return cls(scale, getattr(config, "final_logit_softcapping", None) or None)
 
 
