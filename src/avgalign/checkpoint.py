@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, config_changes
+from .config import ConfigError, config_changes, read_yaml
 from .data import PROMPT_RENDERING_FILE
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -95,7 +94,7 @@ def remove_paths(paths: list[Path]) -> None:
 
 def _saved_config(output_dir: Path) -> dict[str, Any] | None:
     path = Path(output_dir) / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    return read_yaml(path) if path.is_file() else None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -213,9 +213,8 @@ def from_mapping(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = from_mapping(annotation, value, f"{prefix}{name}.")
         else:
-            if annotation == "str" or annotation is str:
-                # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means the string
-                value = "no" if value is False and name == "mixed_precision" else value
+            if name == "mixed_precision" and value is False:
+                value = "no"  # YAML 1.1 reads a bare `no` as false; here it means the string
             kwargs[name] = _check_type(f"{prefix}{name}", value, annotation)
     return cls(**kwargs)
 

@@ -222,6 +222,13 @@ def _iter_json(path: Path, source: str) -> Iterator[tuple[str, Any]]:
         yield from _json_lines(data.splitlines(), source)
 
 
+def json_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    """(location, record) of each record of a JSON or JSON-lines file, every line decoded; a line
+    that is not valid UTF-8 or JSON raises DataError naming it."""
+    for location, record in _iter_json(path, source):
+        yield location, _decode_line(record, location) if isinstance(record, bytes) else record
+
+
 def _json_lines(lines: Iterable[bytes], source: str) -> Iterator[tuple[str, bytes]]:
     for number, line in enumerate(lines, start=1):
         if line.strip():
@@ -558,10 +565,26 @@ def write_prompt_rendering(folder: str | Path, record: dict) -> Path:
     Atomic: a reader sees the old file or the new one, never half of one."""
     path = Path(folder) / PROMPT_RENDERING_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path
+
+
+def write_heldout(path: str | Path, examples: Sequence[PreferenceExample]) -> None:
+    """Held-out pairs as explicit text records, prompts as training rendered them: a file that
+    `avgalign evaluate --prompts` reads to sample on prompts the policy was not trained on."""
+    rows = (
+        {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected, "source": e.location}
+        for e in examples
+    )
+    write_text_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file renamed over `path`: a reader sees the old file or the new
+    one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_prompt_rendering(folder: str | Path) -> dict | None:

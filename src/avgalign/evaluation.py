@@ -41,6 +41,7 @@ from .data import (
     DataError,
     chat_template_probe,
     encode_prompt_texts,
+    json_records,
     load_preferences,
     read_prompt_rendering,
     stop_token_ids,
@@ -919,13 +920,11 @@ def read_prompts(
         prompts, rendering = [line for line in lines if line.strip()], None
     elif path.suffix == ".jsonl" and path.is_file() and _is_prompt_jsonl(path, source):
         prompts, rendering = [], None
-        for number, line in enumerate(_read_lines(path, source), 1):
-            if line.strip():
-                row = _json_row(line, f"{source}:{number}")
-                prompt = row.get("prompt") if isinstance(row, dict) else None
-                if not isinstance(prompt, str):
-                    raise DataError(f"{source}:{number}", "no string 'prompt' field")
-                prompts.append(prompt)
+        for location, row in json_records(path, source):
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(prompt, str):
+                raise DataError(location, "no string 'prompt' field")
+            prompts.append(prompt)
     else:
         # only prompts are needed: a pair with a broken completion still gives its prompt
         examples = load_preferences(source, split=split, tokenizer=tokenizer, on_error="skip")
@@ -950,24 +949,12 @@ def _read_lines(path: Path, source: str) -> list[str]:
         raise DataError(source, f"invalid UTF-8 at byte {e.start}") from None
 
 
-def _json_row(line: str, location: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(location, f"not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def _is_prompt_jsonl(path: Path, source: str) -> bool:
-    """Whether the first record has a "prompt" and no "chosen" field (read up to it only)."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    row = _json_row(line, f"{source}:{number}")
-                    return isinstance(row, dict) and "prompt" in row and "chosen" not in row
-    except UnicodeDecodeError:
-        raise DataError(source, "not UTF-8 text") from None
-    return True  # empty file: read as prompts, then reported as empty
+    """Whether the first record has a "prompt" and no "chosen" field (read up to it only); an
+    empty file is read as prompts, then reported as empty."""
+    for _, row in json_records(path, source):
+        return isinstance(row, dict) and "prompt" in row and "chosen" not in row
+    return True
 
 
 CHAT_TEMPLATE_CHOICES = ("trained", "auto", "yes", "no")

@@ -48,7 +48,9 @@ from .data import (
     load_preferences,
     prompt_rendering,
     tokenize_pairs,
+    write_heldout,
     write_prompt_rendering,
+    write_text_atomic,
 )
 from .logprobs import CompletionLogProbs, SelfCheck, check_against_model, pack_pairs
 from .losses import LossParams, get_loss, preference_loss
@@ -229,9 +231,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def _mean_metrics(per_pair: dict[str, list[float]]) -> dict[str, float]:
@@ -405,17 +405,6 @@ def load_pairs(
         eval_examples = [e for i, e in enumerate(train_examples) if i in held]
         train_pairs = [p for i, p in enumerate(train_pairs) if i not in held]
     return LoadedData(train_pairs, eval_pairs, eval_examples, rendering)
-
-
-def write_heldout(path: Path, examples: list[PreferenceExample]) -> None:
-    """The held-out pairs as explicit text records, prompts as training rendered them: a file
-    `avgalign evaluate --prompts` reads to sample on prompts the policy was not trained on."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for e in examples:
-            row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
-            f.write(json.dumps({**row, "source": e.location}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def train(
@@ -717,38 +706,30 @@ def _train(
             stacked = {k: accelerator.gather(torch.cat(v)).float() for k, v in per_pair.items()}
             loss_finite = bool(torch.isfinite(stacked["loss"]).all())
             scaler = accelerator.scaler
-            if loss_finite and not math.isfinite(grad_norm) and scaler is not None:
-                # fp16 gradient overflow: as in PyTorch AMP, the scaler skips the step and lowers
-                # the scale (the step counts, its batch is not retried)
-                optimizer.step()
-                overflow_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                if main:
-                    metrics_log.write(
-                        {
-                            "split": "skipped",
-                            "step": step + 1,
-                            "reason": "fp16 gradient overflow",
-                            "loss_scale": scaler.get_scale(),
-                        }
-                    )
-                    bar.update(1)
-                continue
             if not (loss_finite and math.isfinite(grad_norm)):
                 # checked before the optimizer step, so the weights and the last checkpoint are
-                # still good
-                what = f"non-finite loss or gradient at step {step + 1} (pairs {global_idx})"
-                if not tc.skip_nonfinite:
-                    raise FloatingPointError(
-                        f"{what}; the last checkpoint is intact (set train.skip_nonfinite=true "
-                        "to skip such steps)"
-                    )
-                if scaler is not None:
-                    scaler.update()  # closes this step's unscale; lowers the scale on inf
+                # still good; the step counts, its batch is not retried
+                skipped = {"split": "skipped", "step": step + 1}
+                if loss_finite and scaler is not None:
+                    # fp16 gradient overflow: as in PyTorch AMP, the scaler's step skips the
+                    # update and lowers the scale
+                    optimizer.step()
+                    overflow_steps += 1
+                    skipped.update(reason="fp16 gradient overflow", loss_scale=scaler.get_scale())
+                else:
+                    what = f"non-finite loss or gradient at step {step + 1} (pairs {global_idx})"
+                    if not tc.skip_nonfinite:
+                        raise FloatingPointError(
+                            f"{what}; the last checkpoint is intact (set "
+                            "train.skip_nonfinite=true to skip such steps)"
+                        )
+                    if scaler is not None:
+                        scaler.update()  # closes this step's unscale; lowers the scale on inf
+                    skipped_steps += 1
+                    skipped["reason"] = what
                 optimizer.zero_grad(set_to_none=True)
-                skipped_steps += 1
                 if main:
-                    metrics_log.write({"split": "skipped", "step": step + 1, "reason": what})
+                    metrics_log.write(skipped)
                     bar.update(1)
                 continue
             optimizer.step()
