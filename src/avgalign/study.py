@@ -4,7 +4,9 @@ resumable results, a table, a score-against-length plot and a report whose findi
 Generic: it knows neither the toy world nor how a run trains or is evaluated. A recipe (the toy
 demo, a real-model recipe) gives `run_sweep` a function run_one(spec) -> measurements and, for the
 baseline, baseline() -> measurements; this module plans the grid, calibrates beta between
-aggregations, keeps the results file, and writes the outputs.
+aggregations, keeps the results file, and writes the outputs. avgalign.sweep builds those two
+functions for both recipes (train a run with avgalign.train, sample and score it, compare it with
+the reference).
 
 Beta calibration. Averaging divides a sequence log-ratio by |y| (by |y|^alpha for "power"), so the
 same beta regularises an averaged loss far more weakly than a summed one. The grid is given on the

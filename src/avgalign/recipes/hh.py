@@ -31,8 +31,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import platform
@@ -42,42 +40,21 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import sweep as engine
 from ..config import Config, ConfigError, LoraConfig, from_mapping, read_yaml, validate
 from ..data import PreferenceExample, TokenizedPair, load_preferences, tokenize_pairs
-from ..evaluation import (
-    EvalResult,
-    GenerationSettings,
-    ScoredCompletion,
-    generate_completions,
-    load_scorer,
-    pad_token_id,
-    reference_seed,
-    score_completions,
-    summarize_evaluation,
-    write_eval_outputs,
-)
-from ..logprobs import sequence_logps
-from ..models import is_peft, load_model, load_tokenizer, resolve_model_path
+from ..evaluation import GenerationSettings, load_scorer, reference_seed
+from ..models import load_model, load_tokenizer, resolve_model_path
 from ..reward_model import RewardModelResult, train_reward_model
 from ..seeding import seeded
-from ..study import (
-    RunSpec,
-    eval_measurements,
-    mean_completion_length,
-    plan_runs,
-    plot_score_vs_length,
-    results_table,
-    run_sweep,
-    write_report,
-)
-from ..train import train
+from ..study import RunSpec, mean_completion_length, plan_runs
 
 # bump when a code change alters what a run measures, so old rows and caches are not reused
 # 3: the reference is sampled with its own seed (evaluation.reference_seed); rows of version 2
@@ -172,17 +149,13 @@ def load_recipe_config(path: str | Path) -> RecipeConfig:
     return cfg
 
 
-def digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def sweep_context(cfg: RecipeConfig) -> str:
     """What, besides its grid coordinates, shapes a run's row: rows of another context are not
     reused. Paths and progress bars do not shape a run."""
     policy = copy.deepcopy(cfg.policy)
     policy.train.output_dir, policy.train.reference_cache_dir = "", None
     policy.train.progress = True
-    return digest({
+    return engine.digest({
         "version": RECIPE_VERSION, "data": dataclasses.asdict(cfg.data),
         "reward_model": dataclasses.asdict(cfg.reward_model), "policy": policy.to_dict(),
         "eval": dataclasses.asdict(cfg.eval),
@@ -298,7 +271,9 @@ def make_split(cfg: RecipeConfig, tokenizer) -> Split:
         "fit_max_length": len(kept),
         "distinct_prompts_fit": len({e.prompt for e in kept}),
         "parts": {name: len(part) for name, part in parts.items()},
-        "part_digests": {name: digest([e.location for e in part]) for name, part in parts.items()},
+        "part_digests": {
+            name: engine.digest([e.location for e in part]) for name, part in parts.items()
+        },
         "locations": {name: [e.location for e in part] for name, part in parts.items()},
     }
     return Split(parts, pairs, stats)
@@ -325,7 +300,7 @@ def freeze_backbone(model, trainable_layers: int | None):
 def gold_reward_model(cfg: RecipeConfig, tokenizer, split: Split, say) -> tuple[Path, dict]:
     """Train the gold RM on its part, or reuse the one trained with the same settings and data."""
     rm = cfg.reward_model
-    key = digest({
+    key = engine.digest({
         "version": RECIPE_VERSION, "model": cfg.policy.model.name,
         "rm": dataclasses.asdict(rm), "max_length": cfg.data.max_length,
         "train": split.stats["part_digests"]["rm_train"],
@@ -365,71 +340,29 @@ def gold_reward_model(cfg: RecipeConfig, tokenizer, split: Split, say) -> tuple[
 # ---------------------------------------------------------------------------------- evaluation
 
 
-class Evaluator:
+def make_evaluator(cfg: RecipeConfig, tokenizer, prompts: list[str], scorer,
+                   context: str) -> engine.Evaluator:
     """Samples policies on the evaluation prompts, scores them with the gold RM, and compares
     them with the reference's samples (drawn once, cached in work_dir)."""
+    e = cfg.eval
+    # the prompts are already rendered as in training (chat template or raw HH text)
+    settings = GenerationSettings(
+        num_samples=e.samples_per_prompt, max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature, batch_size=e.batch_size, seed=e.seed,
+        use_chat_template=False,
+    )
 
-    def __init__(self, cfg: RecipeConfig, tokenizer, prompts: list[str], scorer, context: str):
-        e = cfg.eval
-        self.cfg, self.tokenizer, self.prompts, self.scorer = cfg, tokenizer, prompts, scorer
-        # the prompts are already rendered as in training (chat template or raw HH text)
-        self.settings = GenerationSettings(
-            num_samples=e.samples_per_prompt, max_new_tokens=e.max_new_tokens,
-            temperature=e.temperature, batch_size=e.batch_size, seed=e.seed,
-            use_chat_template=False,
-        )
-        self.n_boot = e.n_boot
-        self.cache = Path(cfg.work_dir) / f"reference_samples-{context}.json"
-        self._reference: list[ScoredCompletion] | None = None
-
-    def sample(self, model, name: str):
-        settings = dataclasses.asdict(self.settings)
-        if name == "reference":  # independent of the policies' samples (see reference_seed)
-            settings["seed"] = reference_seed(self.settings.seed)
-        completions = generate_completions(
-            model, self.tokenizer, self.prompts, **settings, progress=False
-        )
-        return completions, score_completions(self.scorer, completions, name)
-
-    def reference_samples(self) -> list[ScoredCompletion]:
-        if self._reference is None:
-            if self.cache.is_file():
-                rows = json.loads(self.cache.read_text())
-                self._reference = [ScoredCompletion(**row) for row in rows]
-            else:
-                _, self._reference = self.sample(self.load_reference(), "reference")
-                self.cache.parent.mkdir(parents=True, exist_ok=True)
-                rows = [dataclasses.asdict(s) for s in self._reference]
-                self.cache.write_text(json.dumps(rows))
-        return self._reference
-
-    def load_reference(self):
+    def load_reference():
         """The untouched model (LoRA off), on the GPU when there is one."""
-        model_cfg = dataclasses.replace(self.cfg.policy.model, lora=LoraConfig(r=0))
+        model_cfg = dataclasses.replace(cfg.policy.model, lora=LoraConfig(r=0))
         return load_model(model_cfg).to(device())
 
-    def baseline(self) -> EvalResult:
-        return summarize_evaluation(self.reference_samples(), settings=self.settings,
-                                    n_boot=self.n_boot, seed=self.settings.seed)
-
-    def evaluate(self, policy) -> EvalResult:
-        """For a LoRA policy the reference is the same model with its adapters off."""
-        reference_samples = self.reference_samples()
-        completions, scored = self.sample(policy, "policy")
-        prompt_ids = [c.prompt_ids for c in completions]
-        completion_ids = [c.token_ids for c in completions]
-        kwargs = {"batch_size": self.settings.batch_size, "pad_id": pad_token_id(self.tokenizer)}
-        policy_logps, _ = sequence_logps(policy, prompt_ids, completion_ids, **kwargs)
-        if is_peft(policy):
-            reference, off = policy, policy.disable_adapter
-        else:
-            reference, off = self.load_reference(), contextlib.nullcontext
-        with off():
-            reference_logps, _ = sequence_logps(reference, prompt_ids, completion_ids, **kwargs)
-        return summarize_evaluation(
-            scored, reference_samples, policy_logps=policy_logps, reference_logps=reference_logps,
-            settings=self.settings, n_boot=self.n_boot, seed=self.settings.seed,
-        )
+    # the reference samples independently of the policies (see evaluation.reference_seed)
+    return engine.Evaluator(
+        tokenizer, prompts, scorer, settings, n_boot=e.n_boot,
+        reference_seed=reference_seed(e.seed), load_reference=load_reference,
+        cache=Path(cfg.work_dir) / f"reference_samples-{context}.json",
+    )
 
 
 def device() -> str:
@@ -440,16 +373,31 @@ def device() -> str:
 
 
 def run_config(cfg: RecipeConfig, spec: RunSpec, run_dir: Path) -> Config:
-    config = copy.deepcopy(cfg.policy)
-    loss = config.loss
-    loss.name, loss.aggregation, loss.beta = spec.loss, spec.aggregation, spec.beta
-    if spec.alpha is not None:
-        loss.alpha = spec.alpha
-    t = config.train
-    t.output_dir = str(run_dir)
-    t.reference_cache_dir = str(Path(cfg.work_dir) / "reference")
-    t.save_model = False  # evaluated in memory; 0.5 GB per run is not worth keeping
-    return validate(config)
+    """One run's training config: the recipe's policy settings, the run's loss and folders."""
+    return engine.run_train_config(cfg.policy, spec, run_dir, Path(cfg.work_dir) / "reference")
+
+
+def plan_sweep(cfg: RecipeConfig, out: Path, tokenizer, split: Split, rm_dir: Path) -> engine.Sweep:
+    """Every run trains a fresh copy of the model on the policy pairs; the gold RM scores."""
+    data = engine.TrainData(tokenizer, split.pairs["policy_train"], split.pairs["policy_eval"])
+    mean_length = mean_completion_length(data.train_pairs)
+    s = cfg.sweep
+    specs = plan_runs(s.losses, s.aggregations, s.betas, mean_length, s.alphas)
+    context = sweep_context(cfg)
+    prompts = list(dict.fromkeys(e.prompt for e in split.parts["eval_prompts"]))
+    scorer = load_scorer(str(rm_dir), device=device(), batch_size=cfg.eval.batch_size)
+    evaluator = make_evaluator(cfg, tokenizer, prompts, scorer, context)
+
+    def load_policy(run_cfg: Config):
+        # LoRA adapters from the run's seed: the same cell alone, in a sweep or resumed
+        return load_model(cfg.policy.model, seed=run_cfg.train.seed)
+
+    return engine.Sweep(
+        out, specs, mean_length, context, evaluator, data,
+        config_for=lambda spec, train_dir: run_config(cfg, spec, train_dir),
+        load_policy=load_policy, train_subdir="train", progress=cfg.policy.train.progress,
+        time_baseline=True,
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -495,8 +443,7 @@ def setting_lines(cfg: RecipeConfig, split: Split, rm: dict, mean_length: float,
         f"Policy: {p.model.name}, {lora}, {steps} steps of {t.batch_size} pairs, learning rate "
         f"{t.learning_rate:g} ({t.scheduler}), on {len(split.pairs['policy_train'])} pairs; "
         "every run starts from the same model, which is also the reference and the baseline.",
-        f"Beta calibration: mean completion length of the training pairs L = {mean_length:.2f} "
-        f"tokens, so an averaged run uses beta = beta_sum x {mean_length:.2f}.",
+        engine.beta_calibration_line(mean_length, " tokens"),
         f"Evaluation: {baseline['num_prompts']} held-out prompts x "
         f"{cfg.eval.samples_per_prompt} sample(s), at most {cfg.eval.max_new_tokens} new tokens, "
         f"temperature {cfg.eval.temperature:g}, scored by the gold reward model. Baseline "
@@ -515,120 +462,80 @@ def previous_invocations(path: Path, context: str) -> list[dict[str, Any]]:
 
 
 @dataclass
-class RecipeOutputs:
-    table: str
-    report: str
-    rows: list[dict[str, Any]]
-    baseline: dict[str, Any]
+class RecipeOutputs(engine.StudyOutputs):
     reward_model: dict[str, Any]
-    files: dict[str, Path]
-    ran: list[str]
+
+
+class Stages:
+    """Wall time per stage of the recipe, in seconds (run.json), each said when it ends."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.seconds = say, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        self.say(f"[{name}] {self.seconds[name]:.1f}s")
+
+
+def prepare_data(
+    cfg: RecipeConfig, out: Path, say, stages: Stages
+) -> tuple[Any, Split, Path, dict]:
+    """The tokenizer, the split and the gold reward model (its folder and its facts)."""
+    with stages("split"):
+        tokenizer = load_tokenizer(cfg.policy.model)  # converts and caches SmolLM2 the first time
+        split = make_split(cfg, tokenizer)
+        (out / "split.json").write_text(json.dumps(split.stats, indent=2) + "\n")
+    with stages("reward_model"):
+        rm_dir, rm = gold_reward_model(cfg, tokenizer, split, say)
+        (out / "reward_model.json").write_text(json.dumps(rm, indent=2) + "\n")
+        say(f"gold RM held-out accuracy {rm['accuracy']:.3f} [{rm['lo']:.3f}, {rm['hi']:.3f}] "
+            f"on {rm['n_eval']} pairs")
+    return tokenizer, split, rm_dir, rm
+
+
+def write_run_record(
+    path: Path, cfg: RecipeConfig, sweep: engine.Sweep, info: dict[str, Any]
+) -> None:
+    """run.json: the context, L, the config, and every invocation that measured in this context."""
+    record = {
+        "context": sweep.context, "mean_completion_length": sweep.mean_length,
+        "config": {**dataclasses.asdict(cfg), "policy": cfg.policy.to_dict()},
+        "invocations": [*previous_invocations(path, sweep.context), info],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def run_recipe(cfg: RecipeConfig, out: str | Path, *, command: str = "") -> RecipeOutputs:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = cfg.policy.train.progress
-    say = print if progress else (lambda _: None)
+    say = engine.reporter(cfg.policy.train.progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    started, stages = time.time(), {}
+    started, stages = time.time(), Stages(say)
     info = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": machine()}
-
-    def stage(name: str, t0: float) -> None:
-        stages[name] = round(time.perf_counter() - t0, 1)
-        say(f"[{name}] {stages[name]:.1f}s")
-
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.policy.model)  # converts and caches SmolLM2 the first time
-    split = make_split(cfg, tokenizer)
-    (out / "split.json").write_text(json.dumps(split.stats, indent=2) + "\n")
-    stage("split", t0)
-
-    t0 = time.perf_counter()
-    rm_dir, rm = gold_reward_model(cfg, tokenizer, split, say)
-    (out / "reward_model.json").write_text(json.dumps(rm, indent=2) + "\n")
-    say(f"gold RM held-out accuracy {rm['accuracy']:.3f} [{rm['lo']:.3f}, {rm['hi']:.3f}] "
-        f"on {rm['n_eval']} pairs")
-    stage("reward_model", t0)
-
-    t0 = time.perf_counter()
-    train_pairs, eval_pairs = split.pairs["policy_train"], split.pairs["policy_eval"]
-    mean_length = mean_completion_length(train_pairs)
-    s = cfg.sweep
-    specs = plan_runs(s.losses, s.aggregations, s.betas, mean_length, s.alphas)
-    context = sweep_context(cfg)
-    prompts = list(dict.fromkeys(e.prompt for e in split.parts["eval_prompts"]))
-    scorer = load_scorer(str(rm_dir), device=device(), batch_size=cfg.eval.batch_size)
-    evaluator = Evaluator(cfg, tokenizer, prompts, scorer, context)
-    stage("plan", t0)
-
-    def measure_baseline() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        result = evaluator.baseline()
-        write_eval_outputs(result, evaluator.reference_samples(), out / "runs" / "sft")
-        return {**eval_measurements(result), "kl": 0.0, "kl_lo": 0.0, "kl_hi": 0.0,
-                "eval_seconds": time.perf_counter() - t0}
-
-    def run_one(spec: RunSpec) -> dict[str, Any]:
-        run_dir = out / "runs" / spec.key.replace("/", "_")
-        shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
-        run_cfg = run_config(cfg, spec, run_dir / "train")
-        # LoRA adapters from the run's seed: the same cell alone, in a sweep or resumed
-        policy = load_model(cfg.policy.model, seed=run_cfg.train.seed)
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):  # keep the sweep's progress bar readable
-            result = train(run_cfg, model=policy,
-                           tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs)
-        (run_dir / "train" / "train.log").write_text(log.getvalue())
-        t_eval = time.perf_counter()
-        evaluation = evaluator.evaluate(policy)
-        write_eval_outputs(evaluation, evaluation.completions, run_dir)
-        return {
-            **eval_measurements(evaluation),
-            "steps": result.steps,
-            "reward_accuracy": result.eval_metrics.get("reward_accuracy"),
-            "train_reward_accuracy": result.last_train_metrics.get("reward_accuracy"),
-            "train_seconds": result.train_seconds,
-            "reference_seconds": result.reference_seconds,
-            "reference_from_cache": result.reference_from_cache,
-            "eval_seconds": time.perf_counter() - t_eval,
-        }
-
-    t0 = time.perf_counter()
-    results_path = out / "results.jsonl"
-    say(f"sweep: {len(specs)} runs + baseline, L = {mean_length:.2f}, results in {results_path}")
-    sweep = run_sweep(specs, run_one, results_path, context=context, baseline=measure_baseline,
-                      progress=progress)
-    stage("sweep", t0)
-
-    t0 = time.perf_counter()
-    files = {
-        "results": results_path, "table": out / "results.md", "plot": out / "score_vs_length.png",
-        "report": out / "report.md", "run": out / "run.json", "split": out / "split.json",
-        "reward_model": out / "reward_model.json",
-    }
-    table = results_table(sweep.rows, sweep.baseline)
-    files["table"].write_text(table + "\n")
-    plot_score_vs_length(sweep.rows, sweep.baseline, files["plot"],
-                         title=f"HH harmless, {cfg.policy.model.name}: gold RM score vs length")
-    report = write_report(
-        files["report"], title="Averaging vs summing log-likelihoods: SmolLM2 on HH-RLHF",
-        rows=sweep.rows, baseline=sweep.baseline,
-        setting=setting_lines(cfg, split, rm, mean_length, sweep.baseline),
-        plot_file=files["plot"].name,
-    )
-    stage("outputs", t0)
-    info.update({"wall_seconds": round(time.time() - started, 1), "stages_seconds": stages,
-                 "runs_done_now": sweep.ran})
-    record = {
-        "context": context, "mean_completion_length": mean_length,
-        "config": {**dataclasses.asdict(cfg), "policy": cfg.policy.to_dict()},
-        "invocations": [*previous_invocations(files["run"], context), info],
-    }
-    files["run"].write_text(json.dumps(record, indent=2) + "\n")
-    return RecipeOutputs(table, report, sweep.rows, sweep.baseline, rm, files, sweep.ran)
+    tokenizer, split, rm_dir, rm = prepare_data(cfg, out, say, stages)
+    with stages("plan"):
+        sweep = plan_sweep(cfg, out, tokenizer, split, rm_dir)
+    with stages("sweep"):
+        say(f"sweep: {len(sweep.specs)} runs + baseline, L = {sweep.mean_length:.2f}, results in "
+            f"{sweep.results_path}")
+        result = sweep.run()
+    with stages("outputs"):
+        outputs = engine.write_outputs(
+            out, result, title="Averaging vs summing log-likelihoods: SmolLM2 on HH-RLHF",
+            plot_title=f"HH harmless, {cfg.policy.model.name}: gold RM score vs length",
+            setting=setting_lines(cfg, split, rm, sweep.mean_length, result.baseline),
+        )
+        outputs.files.update(run=out / "run.json", split=out / "split.json",
+                             reward_model=out / "reward_model.json")
+    info.update({"wall_seconds": round(time.time() - started, 1),
+                 "stages_seconds": stages.seconds, "runs_done_now": result.ran})
+    write_run_record(outputs.files["run"], cfg, sweep, info)
+    return RecipeOutputs(**vars(outputs), reward_model=rm)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -636,42 +543,26 @@ def run_recipe(cfg: RecipeConfig, out: str | Path, *, command: str = "") -> Reci
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Register `study`; the handler is set as the parser's `func` default."""
-    p = subparsers.add_parser(
-        "study",
+    p = engine.add_command(
+        subparsers, "study", doc=__doc__, func=run_study_command,
         help="the length/score study on a real model and HH-RLHF (gold RM, sweep, report)",
-        description=__doc__.split("\n\n")[0],
     )
     p.add_argument("config", help="recipe YAML, e.g. configs/hh-smollm2/cpu-small.yaml")
     p.add_argument("--out", required=True, help="output folder for the small result files")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=run_study_command)
     return p
 
 
 def run_study_command(args: argparse.Namespace) -> RecipeOutputs:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars for every run drown the sweep's
     cfg = load_recipe_config(args.config)
     if args.quiet:
         cfg.policy.train.progress = False
     command = shlex.join(sys.orig_argv)  # the interpreter and its flags (-m ...) included
-    t0 = time.perf_counter()
-    outputs = run_recipe(cfg, args.out, command=command)
-    print()
-    print(outputs.table)
-    print()
-    print(f"wrote {', '.join(str(p) for p in outputs.files.values())}")
-    print(f"study finished in {time.perf_counter() - t0:.1f}s ({len(outputs.ran)} runs done now, "
-          f"the others reused from {outputs.files['results']})")
-    return outputs
+    return engine.run_command("study", lambda: run_recipe(cfg, args.out, command=command))
 
 
 def main(argv: list[str] | None = None) -> RecipeOutputs:
-    parser = argparse.ArgumentParser(prog="avgalign")
-    add_study_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["study", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return engine.main_of(add_study_parser, "study", argv)
 
 
 if __name__ == "__main__":

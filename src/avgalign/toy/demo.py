@@ -19,48 +19,20 @@ same table on any machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
-import io
-import json
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..config import Config, validate
-from ..evaluation import (
-    Completion,
-    EvalResult,
-    GenerationSettings,
-    ScoredCompletion,
-    Scorer,
-    generate_completions,
-    pad_token_id,
-    score_completions,
-    summarize_evaluation,
-    write_eval_outputs,
-)
-from ..logprobs import sequence_logps
+from .. import sweep as engine
+from ..config import Config
+from ..evaluation import GenerationSettings, Scorer
 from ..losses import AGGREGATIONS, LOSSES
 from ..models import cache_root
-from ..study import (
-    RunSpec,
-    eval_measurements,
-    mean_completion_length,
-    plan_runs,
-    plot_score_vs_length,
-    results_table,
-    run_sweep,
-    write_report,
-)
-from ..train import train
+from ..study import RunSpec, mean_completion_length, plan_runs
 from .build import World, WorldConfig, build_world
 from .sft import ModelSize, SFTConfig, single_thread
-from .world import TOPICS, oracle_scorer, sub_seed
+from .world import TOPICS, Task, oracle_scorer, sub_seed
 
 # bump when a code change alters what a run measures, so old rows are not reused
 DEMO_VERSION = 1
@@ -119,98 +91,87 @@ def quick_config() -> DemoConfig:
 
 
 @dataclass
-class DemoOutputs:
-    table: str
-    report: str
-    rows: list[dict[str, Any]]
-    baseline: dict[str, Any]
-    files: dict[str, Path]
+class DemoOutputs(engine.StudyOutputs):
     world: World
-    ran: list[str]
 
 
-def train_config(cfg: DemoConfig, spec: RunSpec, run_dir: Path, world: World) -> Config:
+def base_train_config(cfg: DemoConfig, world: World) -> Config:
+    """How every run trains; loss, beta and folders come from the run (run_train_config)."""
     config = Config()
     config.model.name = str(world.model_dir)
-    loss = config.loss
-    loss.name, loss.aggregation, loss.beta = spec.loss, spec.aggregation, spec.beta
-    if spec.alpha is not None:
-        loss.alpha = spec.alpha
     a, t = cfg.align, config.train
-    t.output_dir, t.seed = str(run_dir), cfg.world.seed
+    t.seed = cfg.world.seed
     t.batch_size = t.micro_batch_size = a.batch_size
     t.epochs, t.learning_rate, t.warmup_ratio, t.scheduler = (
         a.epochs, a.learning_rate, a.warmup_ratio, a.scheduler)
-    t.reference_cache_dir = str(world.path / "reference")
-    t.progress, t.save_model = False, False
+    t.progress = False
     t.mixed_precision = "no"
-    return validate(config)
+    return config
 
 
-class Evaluator:
-    """Samples a policy on the held-out prompts and compares it with the SFT policy's samples."""
+def eval_tasks(world: World, cfg: DemoConfig) -> list[Task]:
+    """The held-out tasks the runs are evaluated on."""
+    tasks = world.test_tasks
+    if cfg.eval.num_prompts > len(tasks):
+        raise ValueError(f"--num-prompts {cfg.eval.num_prompts}: the world holds out only "
+                         f"{len(tasks)} prompts")
+    return tasks[: cfg.eval.num_prompts]
 
-    def __init__(self, world: World, cfg: DemoConfig):
-        tasks = world.test_tasks
-        if cfg.eval.num_prompts > len(tasks):
-            raise ValueError(f"--num-prompts {cfg.eval.num_prompts}: the world holds out only "
-                             f"{len(tasks)} prompts")
-        tasks = tasks[: cfg.eval.num_prompts]
-        self.prompts = [t.prompt for t in tasks]
-        self.ideal_length = sum(t.n + 1 for t in tasks) / len(tasks)  # n items, then EOS
-        self.tokenizer = world.tokenizer
-        self.scorer = Scorer("toy oracle", oracle_scorer(world.config.error_penalty))
-        # policy and reference draw from independent random streams: the win rate compares
-        # independent samples, as a judge comparing two systems would
-        self.settings = GenerationSettings(
-            num_samples=cfg.eval.samples_per_prompt, max_new_tokens=world.config.max_new_tokens,
-            batch_size=512, seed=sub_seed(cfg.world.seed, "eval.policy"),
-        )
-        self.n_boot = cfg.eval.n_boot
-        self.reference = world.load_policy()
-        reference_settings = dataclasses.replace(
-            self.settings, seed=sub_seed(cfg.world.seed, "eval.reference")
-        )
-        _, self.reference_samples = self.sample(self.reference, "reference", reference_settings)
 
-    def sample(
-        self, model, name: str, settings: GenerationSettings
-    ) -> tuple[list[Completion], list[ScoredCompletion]]:
-        completions = generate_completions(
-            model, self.tokenizer, self.prompts, **dataclasses.asdict(settings), progress=False
-        )
-        return completions, score_completions(self.scorer, completions, name)
+def ideal_length(tasks: list[Task]) -> float:
+    """The oracle-optimal mean completion length on these tasks: n items, then EOS."""
+    return sum(t.n + 1 for t in tasks) / len(tasks)
 
-    def baseline(self) -> EvalResult:
-        """The SFT policy's samples evaluated on their own (no win rate, no KL)."""
-        return summarize_evaluation(self.reference_samples, settings=self.settings,
-                                    n_boot=self.n_boot, seed=self.settings.seed)
 
-    def evaluate(self, policy) -> EvalResult:
-        completions, scored = self.sample(policy, "policy", self.settings)
-        prompt_ids = [c.prompt_ids for c in completions]
-        completion_ids = [c.token_ids for c in completions]
-        kwargs = {"batch_size": 512, "pad_id": pad_token_id(self.tokenizer)}
-        policy_logps, _ = sequence_logps(policy, prompt_ids, completion_ids, **kwargs)
-        reference_logps, _ = sequence_logps(self.reference, prompt_ids, completion_ids, **kwargs)
-        return summarize_evaluation(
-            scored, self.reference_samples, policy_logps=policy_logps,
-            reference_logps=reference_logps, settings=self.settings, n_boot=self.n_boot,
-            seed=self.settings.seed,
-        )
+def make_evaluator(world: World, cfg: DemoConfig, tasks: list[Task]) -> engine.Evaluator:
+    """Samples a policy on the held-out prompts, scores it with the oracle, and compares it with
+    the SFT policy's samples, drawn here, once."""
+    # policy and reference draw from independent random streams: the win rate compares
+    # independent samples, as a judge comparing two systems would
+    settings = GenerationSettings(
+        num_samples=cfg.eval.samples_per_prompt, max_new_tokens=world.config.max_new_tokens,
+        batch_size=512, seed=sub_seed(cfg.world.seed, "eval.policy"),
+    )
+    reference = world.load_policy()
+    evaluator = engine.Evaluator(
+        world.tokenizer, [t.prompt for t in tasks],
+        Scorer("toy oracle", oracle_scorer(world.config.error_penalty)), settings,
+        n_boot=cfg.eval.n_boot, reference_seed=sub_seed(cfg.world.seed, "eval.reference"),
+        load_reference=lambda: reference,
+    )
+    evaluator.reference_samples()  # now, before any run: every run is compared with them
+    return evaluator
 
 
 def sweep_context(cfg: DemoConfig) -> str:
     """What, besides its grid coordinates, shapes a run's row: a row of another context is not
     reused."""
-    text = json.dumps({
+    return engine.digest({
         "version": DEMO_VERSION, "world": cfg.world.fingerprint(),
         "align": dataclasses.asdict(cfg.align), "eval": dataclasses.asdict(cfg.eval),
-    }, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    })
 
 
-def setting_lines(world: World, evaluator: Evaluator, baseline: dict, cfg: DemoConfig,
+def plan_sweep(
+    cfg: DemoConfig, world: World, out: Path, evaluator: engine.Evaluator
+) -> engine.Sweep:
+    """Every run trains a fresh copy of the SFT policy on the world's pairs."""
+    mean_length = mean_completion_length(world.train_pairs)
+    specs = plan_runs(cfg.losses, cfg.aggregations, cfg.betas, mean_length, cfg.alphas)
+    base = base_train_config(cfg, world)
+
+    def config_for(spec: RunSpec, run_dir: Path) -> Config:
+        return engine.run_train_config(base, spec, run_dir, world.path / "reference")
+
+    return engine.Sweep(
+        out, specs, mean_length, sweep_context(cfg), evaluator,
+        engine.TrainData(world.tokenizer, world.train_pairs, world.eval_pairs),
+        config_for=config_for, load_policy=lambda _config: world.load_policy(),
+        progress=cfg.progress,
+    )
+
+
+def setting_lines(world: World, cfg: DemoConfig, baseline: dict, ideal: float,
                   mean_length: float) -> list[str]:
     """The measured facts of the world that the report states before its findings."""
     s, w = world.stats, world.config
@@ -224,7 +185,7 @@ def setting_lines(world: World, evaluator: Evaluator, baseline: dict, cfg: DemoC
         f"on noisy demonstrations (final loss {s['sft_loss_last']:.3f}).",
         f"SFT generations on held-out prompts: length {baseline['length_mean']:.2f} tokens on "
         f"average (sd {baseline['length_std']:.2f}, min {baseline['length_min']:.0f}, max "
-        f"{baseline['length_max']:.0f}); oracle-optimal mean length {evaluator.ideal_length:.2f}.",
+        f"{baseline['length_max']:.0f}); oracle-optimal mean length {ideal:.2f}.",
         f"Preference data: {pairs['pairs']} pairs of SFT samples labelled by a Bradley-Terry "
         f"annotator (temperature {w.annotator.temperature:g}, length bias "
         f"{w.annotator.length_bias:g} logits/token). The chosen completion is the longer one in "
@@ -232,8 +193,7 @@ def setting_lines(world: World, evaluator: Evaluator, baseline: dict, cfg: DemoC
         f"(an annotator without length bias: {pairs['unbiased_longer_share']:.1%} expected); "
         f"the annotator agrees with the oracle in {pairs['oracle_agreement']:.1%} of the pairs "
         "the oracle can tell apart.",
-        f"Beta calibration: mean completion length of the training pairs L = {mean_length:.2f}, "
-        f"so an averaged run uses beta = beta_sum x {mean_length:.2f}.",
+        engine.beta_calibration_line(mean_length),
         f"Training: {cfg.align.epochs:g} epoch(s), batch {cfg.align.batch_size} pairs, learning "
         f"rate {cfg.align.learning_rate:g} ({cfg.align.scheduler}), from the same SFT policy on "
         "the same pairs for every run.",
@@ -241,72 +201,28 @@ def setting_lines(world: World, evaluator: Evaluator, baseline: dict, cfg: DemoC
 
 
 def run_demo(cfg: DemoConfig) -> DemoOutputs:
-    say = print if cfg.progress else (lambda _: None)
+    say = engine.reporter(cfg.progress)
     out = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "toy"
-    results_path = out / "results.jsonl"
     with single_thread():
         t0 = time.perf_counter()
         world = build_world(cfg.world, cache_dir, rebuild=cfg.rebuild, progress=cfg.progress)
         say(f"world ready in {time.perf_counter() - t0:.1f}s")
         out.mkdir(parents=True, exist_ok=True)
         if cfg.rebuild:
-            results_path.unlink(missing_ok=True)
-        mean_length = mean_completion_length(world.train_pairs)
-        specs = plan_runs(cfg.losses, cfg.aggregations, cfg.betas, mean_length, cfg.alphas)
-        evaluator = Evaluator(world, cfg)
-
-        def measure_baseline() -> dict[str, Any]:
-            result = evaluator.baseline()
-            write_eval_outputs(result, result.completions, out / "runs" / "sft")
-            return {**eval_measurements(result), "kl": 0.0, "kl_lo": 0.0, "kl_hi": 0.0}
-
-        def run_one(spec: RunSpec) -> dict[str, Any]:
-            run_dir = out / "runs" / spec.key.replace("/", "_")
-            shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
-            policy = world.load_policy()
-            log = io.StringIO()
-            with contextlib.redirect_stdout(log):  # keep the sweep's progress bar readable
-                result = train(train_config(cfg, spec, run_dir, world), model=policy,
-                               tokenizer=world.tokenizer, train_pairs=world.train_pairs,
-                               eval_pairs=world.eval_pairs)
-            (run_dir / "train.log").write_text(log.getvalue())
-            t_eval = time.perf_counter()
-            evaluation = evaluator.evaluate(policy)
-            write_eval_outputs(evaluation, evaluation.completions, run_dir)
-            return {
-                **eval_measurements(evaluation),
-                "steps": result.steps,
-                "reward_accuracy": result.eval_metrics.get("reward_accuracy"),
-                "train_reward_accuracy": result.last_train_metrics.get("reward_accuracy"),
-                "train_seconds": result.train_seconds,
-                "reference_seconds": result.reference_seconds,
-                "reference_from_cache": result.reference_from_cache,
-                "eval_seconds": time.perf_counter() - t_eval,
-            }
-
-        say(f"sweep: {len(specs)} runs + SFT baseline, results in {results_path}")
-        sweep = run_sweep(specs, run_one, results_path, context=sweep_context(cfg),
-                          baseline=measure_baseline, progress=cfg.progress)
-
-    files = {
-        "results": results_path,
-        "table": out / "results.md",
-        "plot": out / "score_vs_length.png",
-        "report": out / "report.md",
-    }
-    table = results_table(sweep.rows, sweep.baseline)
-    files["table"].write_text(table + "\n")
-    plot_score_vs_length(sweep.rows, sweep.baseline, files["plot"],
-                         ideal_length=evaluator.ideal_length,
-                         title="Toy world: oracle score against generation length")
-    report = write_report(
-        files["report"], title="Averaging vs summing log-likelihoods in the toy world",
-        rows=sweep.rows, baseline=sweep.baseline,
-        setting=setting_lines(world, evaluator, sweep.baseline, cfg, mean_length),
-        ideal_length=evaluator.ideal_length, plot_file=files["plot"].name,
+            (out / "results.jsonl").unlink(missing_ok=True)
+        tasks = eval_tasks(world, cfg)
+        sweep = plan_sweep(cfg, world, out, make_evaluator(world, cfg, tasks))
+        say(f"sweep: {len(sweep.specs)} runs + SFT baseline, results in {sweep.results_path}")
+        result = sweep.run()
+    ideal = ideal_length(tasks)
+    outputs = engine.write_outputs(
+        out, result, title="Averaging vs summing log-likelihoods in the toy world",
+        plot_title="Toy world: oracle score against generation length",
+        setting=setting_lines(world, cfg, result.baseline, ideal, sweep.mean_length),
+        ideal_length=ideal,
     )
-    return DemoOutputs(table, report, sweep.rows, sweep.baseline, files, world, sweep.ran)
+    return DemoOutputs(**vars(outputs), world=world)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -314,10 +230,9 @@ def run_demo(cfg: DemoConfig) -> DemoOutputs:
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Register `demo`; the handler is set as the parser's `func` default."""
-    p = subparsers.add_parser(
-        "demo",
+    p = engine.add_command(
+        subparsers, "demo", doc=__doc__, func=run_demo_command,
         help="the length/score study end to end in a toy world with a known oracle (CPU, minutes)",
-        description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--cache-dir", help="where the toy world is cached (default: "
@@ -339,7 +254,6 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="rebuild the world and rerun every run instead of reusing them")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=run_demo_command)
     return p
 
 
@@ -362,25 +276,11 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run_demo_command(args: argparse.Namespace) -> DemoOutputs:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars for every run drown the sweep's
-    t0 = time.perf_counter()
-    outputs = run_demo(config_from_args(args))
-    print()
-    print(outputs.table)
-    print()
-    print(f"wrote {', '.join(str(p) for p in outputs.files.values())}")
-    print(f"demo finished in {time.perf_counter() - t0:.1f}s "
-          f"({len(outputs.ran)} runs done now, the others reused from {outputs.files['results']})")
-    return outputs
+    return engine.run_command("demo", lambda: run_demo(config_from_args(args)))
 
 
 def main_demo(argv: list[str] | None = None) -> DemoOutputs:
-    parser = argparse.ArgumentParser(prog="avgalign")
-    add_demo_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return engine.main_of(add_demo_parser, "demo", argv)
 
 
 if __name__ == "__main__":
