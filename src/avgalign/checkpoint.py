@@ -3,6 +3,10 @@ saving never damages the last complete checkpoint. Nothing here unpickles arbitr
 weights are safetensors, optimizer and scheduler states load with torch.load(weights_only=True).
 
 Layout: <output_dir>/checkpoints/step-<N>/{weights.safetensors, optimizer.pt, state.json}
+
+The weights and optimizer state are full (unsharded) state dicts keyed by parameter name, taken
+with PyTorch's distributed state-dict API: the same files whether the run was one process, DDP,
+or FSDP (1 or 2), so a checkpoint resumes on any number of processes and any wrapping.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from .config import ConfigError, config_changes, read_yaml
 from .data import PROMPT_RENDERING_FILE
@@ -97,35 +107,54 @@ def _saved_config(output_dir: Path) -> dict[str, Any] | None:
     return read_yaml(path) if path.is_file() else None
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _trainable_names(model: torch.nn.Module) -> list[str]:
     """The parameters being trained (all of them, or only the LoRA adapters). Tied weights appear
     once, as named_parameters() lists each Parameter once."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable weights, optimizer state), gathered in full on the CPU of the main process;
+    other processes get empty dicts. A collective call under DDP/FSDP: every process makes it.
+    `model` is the prepared (wrapped) module; weight names drop `prefix`."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    if not weights:
+        return {}, {}
+    names = _trainable_names(_unwrapped(model))
+    weights = {n.removeprefix(prefix): weights[n].contiguous() for n in names}
+    return weights, optim
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP; FSDP keeps the module and its names
 
 
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
     scaler: Any = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` ones. `scaler`: the
-    fp16 loss scaler, if any, whose scale resumes where it was."""
+    """Write checkpoint `step` atomically and keep only the newest `keep` ones (main process
+    only; `weights` and `optimizer_state` from full_training_state). `scaler`: the fp16 loss
+    scaler, if any, whose scale resumes where it was."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.cpu() for k, v in trainable_state(model).items()}
     save_file(weights, str(tmp / "weights.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -151,19 +180,26 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Restore what save_checkpoint wrote; returns state.json (with 'step')."""
+    """Restore what save_checkpoint wrote into the prepared `model` (every process reads the
+    files and keeps its own shard); returns state.json (with 'step')."""
     weights = load_file(str(path / "weights.safetensors"))
-    expected = set(trainable_state(model))
+    names = _trainable_names(_unwrapped(model))
+    expected = {n.removeprefix(prefix) for n in names}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
         raise ValueError(f"checkpoint {path} does not match the model (missing e.g. {missing})")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
     state = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    optim = state["optimizer"]
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    weights = {prefix + k: v for k, v in weights.items()}
+    if all(isinstance(k, int) for k in optim["state"]):  # written before 2026-11-30: by id
+        set_model_state_dict(model, weights, options=options)
+        optimizer.load_state_dict(optim)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                       options=options)
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

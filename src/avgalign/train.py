@@ -1,10 +1,11 @@
 """The training loop: any direct alignment loss, any aggregation, on Hugging Face Accelerate.
 
-Read top to bottom: set-up (seed, model, data, reference log-probs), then one loop over optimizer
-steps. Each step takes a global batch of `batch_size` pairs, gives each process its share, runs
-it in micro-batches (gradient accumulation), clips, steps, logs one JSON line. Multi-GPU or
-multi-process CPU runs are started with `accelerate launch`; the math is the same for any number
-of processes.
+`train(cfg)` builds a `Trainer` and calls `fit()`. The trainer reads top to bottom: set-up (output
+folder, data, model, reference log-probs, optimiser, resume), then `fit()`, a loop of `step()`s.
+Each step takes a global batch of `batch_size` pairs, gives each process its share, runs it in
+micro-batches (gradient accumulation), clips, steps, logs one JSON line. Multi-GPU or
+multi-process CPU runs are started with `accelerate launch` (DDP or FSDP); the math is the same
+for any number of processes, and checkpoints are full state dicts that resume on any of them.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import signal
-import threading
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object
-from safetensors.torch import load_file, save_file
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -36,6 +35,7 @@ from .checkpoint import (
     HELDOUT_FILE,
     check_output_dir,
     checkpoint_dir,
+    full_training_state,
     load_checkpoint,
     remove_paths,
     save_checkpoint,
@@ -50,9 +50,8 @@ from .data import (
     tokenize_pairs,
     write_heldout,
     write_prompt_rendering,
-    write_text_atomic,
 )
-from .logprobs import CompletionLogProbs, SelfCheck, check_against_model, pack_pairs
+from .logprobs import CompletionLogProbs, SelfCheck, check_against_model
 from .losses import LossParams, get_loss, preference_loss
 from .models import (
     cache_root,
@@ -62,22 +61,30 @@ from .models import (
     load_tokenizer,
     maybe_add_lora,
 )
+from .reference import (
+    ReferenceLogps,
+    cached_reference_logps,
+    compute_reference_logps,
+    pack,
+    pair_length,
+    reference_fingerprint,
+)
 from .seeding import seeded
+from .stopping import StopSignals, TrainingInterrupted
+from .tracking import MetricsLog, mean_metrics, truncate_metrics
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ReferenceLogps:
-    """Summed reference log-likelihoods and token counts, one entry per pair."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_lengths: torch.Tensor
-    rejected_lengths: torch.Tensor
-
-    def take(self, idx: list[int]) -> ReferenceLogps:
-        return ReferenceLogps(*(t[idx] for t in dataclasses.astuple(self)))
+__all__ = [
+    "ReferenceLogps",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "batch_order",
+    "compute_reference_logps",
+    "pair_length",
+    "train",
+]
 
 
 @dataclass
@@ -120,150 +127,6 @@ def batch_order(
     return batches
 
 
-def pair_length(p: TokenizedPair) -> int:
-    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-
-
-def _pack(pairs: list[TokenizedPair], pad_id: int, layout: str):
-    return pack_pairs(
-        [p.prompt_ids for p in pairs],
-        [p.chosen_ids for p in pairs],
-        [p.rejected_ids for p in pairs],
-        pad_id,
-        layout,
-    )
-
-
-@torch.inference_mode()
-def compute_reference_logps(
-    scorer: CompletionLogProbs,
-    pairs: list[TokenizedPair],
-    *,
-    pad_id: int,
-    layout: str,
-    batch_size: int,
-    device: torch.device,
-    progress: bool = True,
-) -> ReferenceLogps:
-    """Reference log-likelihoods of every pair, batched by length to waste little on padding."""
-    n = len(pairs)
-    out = ReferenceLogps(
-        torch.zeros(n),
-        torch.zeros(n),
-        torch.zeros(n, dtype=torch.long),
-        torch.zeros(n, dtype=torch.long),
-    )
-    order = sorted(range(n), key=lambda i: pair_length(pairs[i]))
-    was_training = scorer.training
-    scorer.eval()
-    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", disable=not progress):
-        idx = order[start : start + batch_size]
-        sums, counts = scorer(_pack([pairs[i] for i in idx], pad_id, layout).to(device))
-        m = len(idx)
-        out.chosen[idx], out.rejected[idx] = sums[:m].float().cpu(), sums[m:].float().cpu()
-        out.chosen_lengths[idx], out.rejected_lengths[idx] = counts[:m].cpu(), counts[m:].cpu()
-    scorer.train(was_training)
-    return out
-
-
-def reference_fingerprint(model_fp: str, pairs: list[TokenizedPair], dtype: str) -> str:
-    h = hashlib.sha256(f"{model_fp}|{dtype}".encode())
-    for p in pairs:
-        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
-    return h.hexdigest()[:24]
-
-
-def cached_reference_logps(
-    cache_dir: Path, key: str, compute, accelerator: Accelerator
-) -> tuple[ReferenceLogps, bool]:
-    """Load reference log-probs from `cache_dir/ref-<key>.safetensors`, or compute them on the main
-    process and write them atomically. Returns (values, loaded_from_cache)."""
-    path = cache_dir / f"ref-{key}.safetensors"
-    hit = path.is_file()
-    if not hit and accelerator.is_main_process:
-        ref = compute()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in dataclasses.asdict(ref).items()}, str(tmp))
-        tmp.replace(path)
-    accelerator.wait_for_everyone()
-    return ReferenceLogps(**load_file(str(path))), hit
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised after a stop signal, once a checkpoint has been saved."""
-
-
-class StopSignals:
-    """Turns SIGINT / SIGTERM into a request to stop after the current step (and checkpoint).
-
-    A second signal while stopping falls back to the default behaviour (immediate exit)."""
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after checkpoint `step` (and a half-written last line), so a
-    resumed run's metrics.jsonl reads as if it had never stopped."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line)
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
-def _mean_metrics(per_pair: dict[str, list[float]]) -> dict[str, float]:
-    return {k: float(sum(v) / len(v)) for k, v in per_pair.items() if v}
-
-
-class MetricsLog:
-    """One JSON object per line, flushed at once: a crash loses at most the line being written."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None):
-        self.file = path.open("a")
-        self.tb = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            prefix = record.get("split", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -271,21 +134,41 @@ def _mixed_precision(setting: str) -> str:
 
 
 def _accelerator(mixed_precision: str) -> Accelerator:
-    """The run's Accelerator. Two fixes to Accelerate's defaults:
+    """The run's Accelerator. Three fixes to Accelerate's defaults:
     - its state is a per-process singleton that refuses another precision: in a single-process
       run (a sweep or a notebook calling train() with bf16 after fp32) it is reset;
     - it leaves mixed_precision="fp16" off on a CPU without a word (no autocast, no loss scaler):
       turned on as on a GPU, float16 autocast and PyTorch's CPU GradScaler, used by
-      Accelerate's own backward, unscale and optimizer step."""
+      Accelerate's own backward, unscale and optimizer step;
+    - it ignores FSDP on CPU processes (gloo): see _fsdp_on_cpu."""
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") != mixed_precision:
         if state.get("num_processes", 1) == 1:
             AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
+    _fsdp_on_cpu(accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu")
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """`accelerate launch --use_fsdp` on CPU processes (gloo) runs plain DDP: Accelerate takes
+    FSDP only on accelerators. FSDP2 (`fully_shard`) runs on CPU, so such a run is made FSDP as
+    asked, with the plugin Accelerate builds from the launcher's settings: sharded training on
+    CPU-only machines, and the sharded code paths testable without a GPU."""
+    state = accelerator.state
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (wants_fsdp and state.distributed_type == DistributedType.MULTI_CPU):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
 
 
 # |ours - model| / max(|model|, 1) on a summed completion log-prob. In float32 the layouts agree
@@ -425,7 +308,7 @@ def train(
     mixed_precision = _mixed_precision(cfg.train.mixed_precision)
     accelerator = _accelerator(mixed_precision)
     with seeded(cfg.train.seed, accelerator.device):
-        return _train(
+        trainer = Trainer(
             cfg,
             accelerator,
             mixed_precision,
@@ -434,173 +317,297 @@ def train(
             train_pairs=train_pairs,
             eval_pairs=eval_pairs,
         )
+        return trainer.fit()
 
 
-def _train(
-    cfg: Config,
-    accelerator: Accelerator,
-    mixed_precision: str,
-    *,
-    model,
-    tokenizer,
-    train_pairs,
-    eval_pairs,
-) -> TrainResult:
-    tc, lc = cfg.train, cfg.loss
-    world, rank = accelerator.num_processes, accelerator.process_index
-    main = accelerator.is_main_process
-    if tc.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size={tc.batch_size} must be divisible by the {world} processes"
+@dataclass
+class Progress:
+    """What a checkpoint must carry besides weights and optimiser state."""
+
+    step: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped (train.skip_nonfinite)
+    overflow_steps: int = 0  # fp16 steps the loss scaler skipped
+
+
+def _as_float(x) -> float:
+    """A grad norm as a float; under FSDP2 it is a replicated DTensor."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+class Trainer:
+    """One training run. The constructor does the set-up in the order it must happen; `fit()`
+    runs the optimiser steps and writes the results. Every method is called on every process;
+    only the main process writes files and prints."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator,
+        mixed_precision: str,
+        *,
+        model=None,
+        tokenizer=None,
+        train_pairs: list[TokenizedPair] | None = None,
+        eval_pairs: list[TokenizedPair] | None = None,
+    ):
+        self.cfg, self.tc, self.lc = cfg, cfg.train, cfg.loss
+        self.accelerator, self.mixed_precision = accelerator, mixed_precision
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.out = Path(self.tc.output_dir)
+        self.check_backend()
+        self.resume_from = self.prepare_output_dir()
+        self.load_data(tokenizer, train_pairs, eval_pairs)
+        self.setup_model(model)
+        self.setup_reference()
+        self.setup_optimizer()
+        self.progress = self.resume()
+        self.last: dict[str, float] = {}  # the metrics of the last step that trained
+        self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches)
+
+    # ---- set-up
+
+    def check_backend(self) -> None:
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                "DeepSpeed is not supported: its engine steps the optimiser inside backward, "
+                "before this trainer's non-finite check, and its sharded states are not saved "
+                "by this trainer's checkpoints; use FSDP (configs/accelerate/fsdp-*.yaml; "
+                "SHARD_GRAD_OP is ZeRO-2, FULL_SHARD is ZeRO-3)"
+            )
+        if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+            raise ConfigError(
+                "fsdp_cpu_ram_efficient_loading: true loads the weights on the first process "
+                "only, but every process scores its share of the reference pass and runs the "
+                "self-check before the model is sharded; set it to false in the accelerate config"
+            )
+        if self.tc.batch_size % self.world:
+            raise ConfigError(
+                f"train.batch_size={self.tc.batch_size} must be divisible by the {self.world} "
+                "processes"
+            )
+
+    def prepare_output_dir(self) -> Path | None:
+        """Decide on every process what to resume or replace; then the main process acts."""
+        resume_from, stale = check_output_dir(
+            self.out, self.cfg.to_dict(), resume=self.tc.resume, overwrite=self.tc.overwrite
         )
-    out = Path(tc.output_dir)
-    resume_from, stale = check_output_dir(
-        out, cfg.to_dict(), resume=tc.resume, overwrite=tc.overwrite
-    )
-    accelerator.wait_for_everyone()  # every process has decided before anything is deleted
-    if main:
-        remove_paths(stale)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.accelerator.wait_for_everyone()  # every process has decided before any deletes
+        if self.main:
+            remove_paths(stale)
+            self.out.mkdir(parents=True, exist_ok=True)
+            config_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            (self.out / "config.yaml").write_text(config_text)
+        return resume_from
 
-    # ---- model, tokenizer, data
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    data_report: dict[str, Any] = {}
-    rendering = None  # pairs given as token ids: how their prompts were rendered is not known
-    if train_pairs is None:
-        loaded = load_pairs(cfg, tokenizer, accelerator, data_report)
-        train_pairs, rendering = loaded.train_pairs, loaded.rendering
-        if eval_pairs is None:
-            eval_pairs = loaded.eval_pairs
-            if main and loaded.eval_examples:
-                write_heldout(out / HELDOUT_FILE, loaded.eval_examples)
-        if main and rendering is not None:
-            write_prompt_rendering(out, rendering)
-    eval_pairs = eval_pairs or []
-    check_pair_counts(cfg, train_pairs, eval_pairs)
-    model = model if model is not None else load_model(cfg.model, seed=tc.seed)
-    spec = get_loss(lc.name)
-    model_fp = fingerprint_model(model) if spec.uses_reference and tc.precompute_reference else ""
-    if not is_peft(model):
-        model = maybe_add_lora(model, cfg.model, seed=tc.seed)
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if is_peft(model):
-            model.enable_input_require_grads()
-    policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
-    layout = policy.layout_for(tc.layout)
-    if main and layout != tc.layout:
-        print(
-            f"layout: concat, not {tc.layout}: the shared-prompt mask cannot be exact for "
-            f"{policy.architecture} ({policy.attention.shared_prompt_problem})"
-        )
-    policy.to(accelerator.device)
-    lengths = [pair_length(p) for p in train_pairs]
-    checked = None
-    if tc.self_check:
-        first_batch = batch_order(lengths, tc.batch_size, 0, tc.seed, tc.group_by_length)[0]
-        pair = train_pairs[max(first_batch, key=lambda i: lengths[i])]
-        checked = self_check(policy, pair, pad_id, layout)
-        if main:
+    def load_data(self, tokenizer, train_pairs, eval_pairs) -> None:
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.cfg.model)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.data_report: dict[str, Any] = {}
+        self.rendering = None  # pairs given as token ids: how prompts were rendered is unknown
+        if train_pairs is None:
+            loaded = load_pairs(self.cfg, self.tokenizer, self.accelerator, self.data_report)
+            train_pairs, self.rendering = loaded.train_pairs, loaded.rendering
+            if eval_pairs is None:
+                eval_pairs = loaded.eval_pairs
+                if self.main and loaded.eval_examples:
+                    write_heldout(self.out / HELDOUT_FILE, loaded.eval_examples)
+            if self.main and self.rendering is not None:
+                write_prompt_rendering(self.out, self.rendering)
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
+        check_pair_counts(self.cfg, self.train_pairs, self.eval_pairs)
+        self.lengths = [pair_length(p) for p in self.train_pairs]
+
+    def setup_model(self, model) -> None:
+        tc = self.tc
+        model = model if model is not None else load_model(self.cfg.model, seed=tc.seed)
+        self.spec = get_loss(self.lc.name)
+        precompute = self.spec.uses_reference and tc.precompute_reference
+        self.model_fp = fingerprint_model(model) if precompute else ""
+        if not is_peft(model):
+            model = maybe_add_lora(model, self.cfg.model, seed=tc.seed)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            if is_peft(model):
+                model.enable_input_require_grads()
+        self.model = model
+        self.policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
+        self.layout = self.policy.layout_for(tc.layout)
+        if self.main and self.layout != tc.layout:
             print(
-                f"self-check: {layout} layout matches {policy.architecture}'s forward pass to "
-                f"{checked.relative_error:.1e} on the longest pair of the first batch "
+                f"layout: concat, not {tc.layout}: the shared-prompt mask cannot be exact for "
+                f"{self.policy.architecture} ({self.policy.attention.shared_prompt_problem})"
+            )
+        self.policy.to(self.accelerator.device)
+        self.checked = self.run_self_check() if tc.self_check else None
+
+    def run_self_check(self) -> SelfCheck:
+        tc = self.tc
+        first_batch = batch_order(self.lengths, tc.batch_size, 0, tc.seed, tc.group_by_length)[0]
+        pair = self.train_pairs[max(first_batch, key=lambda i: self.lengths[i])]
+        checked = self_check(self.policy, pair, self.pad_id, self.layout)
+        if self.main:
+            print(
+                f"self-check: {self.layout} layout matches {self.policy.architecture}'s forward "
+                f"pass to {checked.relative_error:.1e} on the longest pair of the first batch "
                 f"({checked.seconds:.2f}s)"
             )
+        return checked
 
-    # ---- reference: adapters disabled for LoRA (no second copy); precomputed from the policy's
-    # own initial weights; a frozen copy only when computed on the fly for a full fine-tune
-    reference_scorer = None
-    if spec.uses_reference and not is_peft(model) and not tc.precompute_reference:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
-        reference_scorer = CompletionLogProbs(frozen, chunk_size=tc.logprob_chunk_size)
+    # ---- the reference: adapters disabled for LoRA (no second copy); precomputed from the
+    # policy's own initial weights, before it is wrapped for DDP/FSDP; a frozen copy only when
+    # computed on the fly for a full fine-tune
 
-    def reference_context():
-        return model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-
-    def reference_forward(batch):
-        with reference_context(), torch.no_grad():
-            scorer = reference_scorer or policy
-            return scorer(batch)
-
-    ref_train = ref_eval = None
-    ref_seconds, ref_hit = 0.0, False
-    if spec.uses_reference and tc.precompute_reference:
+    def setup_reference(self) -> None:
+        tc, uses = self.tc, self.spec.uses_reference
+        self.reference_scorer = None
+        if uses and not is_peft(self.model) and not tc.precompute_reference:
+            frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
+            frozen.to(self.accelerator.device)
+            self.reference_scorer = CompletionLogProbs(frozen, chunk_size=tc.logprob_chunk_size)
+        self.ref_train = self.ref_eval = None
+        self.ref_seconds, self.ref_hit = 0.0, False
+        if not (uses and tc.precompute_reference):
+            return
         t0 = time.perf_counter()
-        cache_dir = Path(tc.reference_cache_dir or cache_root() / "reference")
-
-        def ref_for(pairs: list[TokenizedPair]):
-            def compute():
-                # under the policy's autocast: at step 1 the log-ratios are 0 up to rounding
-                with reference_context(), accelerator.autocast():
-                    return compute_reference_logps(
-                        policy,
-                        pairs,
-                        pad_id=pad_id,
-                        layout=layout,
-                        batch_size=tc.eval_batch_size,
-                        device=accelerator.device,
-                        progress=tc.progress,
-                    )
-
-            precision = f"{cfg.model.dtype}|autocast={mixed_precision}"
-            key = reference_fingerprint(model_fp, pairs, precision)
-            return cached_reference_logps(cache_dir, key, compute, accelerator)
-
-        ref_train, ref_hit = ref_for(train_pairs)
-        if eval_pairs:
-            ref_eval, _ = ref_for(eval_pairs)
-        ref_seconds = time.perf_counter() - t0
-        if main:
-            how = "loaded from cache" if ref_hit else "computed once"
+        self.ref_train, self.ref_hit = self.precomputed_reference(self.train_pairs)
+        if self.eval_pairs:
+            self.ref_eval, _ = self.precomputed_reference(self.eval_pairs)
+        self.ref_seconds = time.perf_counter() - t0
+        if self.main:
+            how = "loaded from cache" if self.ref_hit else "computed once"
             print(
-                f"reference log-probs: {how} ({len(train_pairs)} train, "
-                f"{len(eval_pairs)} eval pairs, {ref_seconds:.1f}s)"
+                f"reference log-probs: {how} ({len(self.train_pairs)} train, "
+                f"{len(self.eval_pairs)} eval pairs, {self.ref_seconds:.1f}s"
+                f"{f', shared by {self.world} processes' if self.world > 1 else ''})"
             )
 
-    # ---- optimisation
-    steps_per_epoch = len(train_pairs) // tc.batch_size
-    total_steps = tc.max_steps or max(1, int(tc.epochs * steps_per_epoch))
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler,
-        optimizer,
-        num_warmup_steps=int(tc.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    # the scheduler is not given to Accelerate, which would step it once per process per step:
-    # here one step is one global batch, whatever the number of processes
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    loss_params = LossParams(
-        beta=lc.beta,
-        label_smoothing=lc.label_smoothing,
-        simpo_gamma=lc.simpo_gamma,
-        length_penalty=lc.length_penalty,
-    )
+    def reference_context(self):
+        return self.model.disable_adapter() if is_peft(self.model) else contextlib.nullcontext()
 
-    def run_loss(pairs: list[TokenizedPair], idx: list[int], ref: ReferenceLogps | None):
-        batch = _pack(pairs, pad_id, layout).to(accelerator.device)
-        with accelerator.autocast():
-            sums, counts = policy(batch)
+    def precomputed_reference(self, pairs: list[TokenizedPair]) -> tuple[ReferenceLogps, bool]:
+        tc, accelerator = self.tc, self.accelerator
+
+        def compute() -> ReferenceLogps:
+            # under the policy's autocast: at step 1 the log-ratios are 0 up to rounding
+            with self.reference_context(), accelerator.autocast():
+                return compute_reference_logps(
+                    self.policy,
+                    pairs,
+                    pad_id=self.pad_id,
+                    layout=self.layout,
+                    batch_size=tc.eval_batch_size,
+                    device=accelerator.device,
+                    progress=tc.progress and self.main,
+                    rank=self.rank,
+                    world=self.world,
+                )
+
+        precision = f"{self.cfg.model.dtype}|autocast={self.mixed_precision}"
+        key = reference_fingerprint(self.model_fp, pairs, precision)
+        cache_dir = Path(tc.reference_cache_dir or cache_root() / "reference")
+        return cached_reference_logps(cache_dir, key, compute, accelerator)
+
+    def setup_optimizer(self) -> None:
+        tc = self.tc
+        self.steps_per_epoch = len(self.train_pairs) // tc.batch_size
+        self.total_steps = tc.max_steps or max(1, int(tc.epochs * self.steps_per_epoch))
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler,
+            optimizer,
+            num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        # the scheduler is not given to Accelerate, which would step it once per process per
+        # step: here one step is one global batch, whatever the number of processes
+        self.policy, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
+        # FSDP replaces the parameters by sharded ones: the list is taken again
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        lc = self.lc
+        self.loss_params = LossParams(
+            beta=lc.beta,
+            label_smoothing=lc.label_smoothing,
+            simpo_gamma=lc.simpo_gamma,
+            length_penalty=lc.length_penalty,
+        )
+
+    # ---- save and resume: full state dicts, written by the main process
+
+    def resume(self) -> Progress:
+        """The reference above was computed from the initial weights, as it must be; now the
+        weights, optimiser, scheduler and counters of the checkpoint, if resuming."""
+        if self.resume_from is None:
+            return Progress()
+        acc = self.accelerator
+        state = load_checkpoint(
+            self.resume_from, self.policy, self.optimizer, self.scheduler, acc.scaler, "lm."
+        )
+        progress = Progress(
+            state["step"], state.get("skipped_steps", 0), state.get("overflow_steps", 0)
+        )
+        if self.main:
+            truncate_metrics(self.out / "metrics.jsonl", progress.step)
+            print(f"resumed from {self.resume_from} (step {progress.step} of {self.total_steps})")
+        return progress
+
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        weights, optimizer_state = full_training_state(self.policy, self.optimizer, "lm.")
+        if self.main:
+            extra = {
+                "skipped_steps": self.progress.skipped_steps,
+                "overflow_steps": self.progress.overflow_steps,
+                "total_steps": self.total_steps,
+                "config": self.cfg.to_dict(),
+            }
+            save_checkpoint(
+                self.out, step, weights, optimizer_state, self.scheduler, extra,
+                self.tc.keep_checkpoints, acc.scaler,
+            )
+        acc.wait_for_everyone()
+
+    def save_model(self) -> Path | None:
+        """The final model as a folder that AutoModelForCausalLM.from_pretrained loads (LoRA
+        merged; the adapter also saved on its own). A collective call: under FSDP the full
+        weights are gathered to the main process first."""
+        if not self.tc.save_model:
+            return None
+        acc = self.accelerator
+        sharded = _is_sharded(self.policy)
+        full = get_model_state_dict(self.policy, options=FULL_ON_CPU) if sharded else None
+        model_dir = self.out / "model"
+        if self.main:
+            lm = acc.unwrap_model(self.policy).lm
+            if sharded:
+                lm = _unsharded_copy(lm, {k.removeprefix("lm."): v for k, v in full.items()})
+            if is_peft(lm):
+                lm.save_pretrained(self.out / "adapter")
+                lm = lm.merge_and_unload()  # a plain model that AutoModelForCausalLM reloads
+            lm.save_pretrained(model_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(model_dir)
+            if self.rendering is not None:  # `avgalign evaluate` renders prompts the same way
+                write_prompt_rendering(model_dir, self.rendering)
+        acc.wait_for_everyone()
+        return model_dir
+
+    # ---- the loss on a batch, one optimiser step, evaluation
+
+    def loss_on(self, pairs: list[TokenizedPair], idx: list[int], ref: ReferenceLogps | None):
+        """(mean loss, per-pair metrics, packed batch) of `pairs`, the pairs `idx` of the split
+        whose precomputed reference is `ref`."""
+        acc = self.accelerator
+        batch = pack(pairs, self.pad_id, self.layout).to(acc.device)
+        with acc.autocast():
+            sums, counts = self.policy(batch)
         m = len(pairs)
         rc = rr = None
-        if spec.uses_reference:
-            if ref is not None:
-                r = ref.take(idx)
-                if not (
-                    torch.equal(r.chosen_lengths, counts[:m].cpu())
-                    and torch.equal(r.rejected_lengths, counts[m:].cpu())
-                ):
-                    raise RuntimeError("cached reference log-probs do not match the pairs' lengths")
-                rc, rr = r.chosen.to(sums.device), r.rejected.to(sums.device)
-            else:
-                with accelerator.autocast():
-                    ref_sums, _ = reference_forward(batch)
-                rc, rr = ref_sums[:m].float(), ref_sums[m:].float()
+        if self.spec.uses_reference:
+            rc, rr = self.reference_sums(batch, counts, idx, ref, m)
+        lc = self.lc
         loss, metrics = preference_loss(
             lc.name,
             sums[:m].float(),
@@ -609,233 +616,287 @@ def _train(
             rr,
             counts[:m],
             counts[m:],
-            loss_params,
+            self.loss_params,
             lc.aggregation,
             lc.alpha,
         )
         return loss, metrics, batch
 
-    def evaluate() -> dict[str, float]:
-        policy.eval()
-        mine = list(range(rank, len(eval_pairs), world))
+    def reference_sums(self, batch, counts, idx, ref: ReferenceLogps | None, m: int):
+        """The reference's summed log-likelihoods of chosen and rejected: precomputed, or
+        computed now (on the fly)."""
+        if ref is not None:
+            r = ref.take(idx)
+            if not (
+                torch.equal(r.chosen_lengths, counts[:m].cpu())
+                and torch.equal(r.rejected_lengths, counts[m:].cpu())
+            ):
+                raise RuntimeError("cached reference log-probs do not match the pairs' lengths")
+            return r.chosen.to(counts.device), r.rejected.to(counts.device)
+        with self.reference_context(), torch.no_grad(), self.accelerator.autocast():
+            ref_sums, _ = (self.reference_scorer or self.policy)(batch)
+        return ref_sums[:m].float(), ref_sums[m:].float()
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the held-out pairs, shared out over the processes. Every process
+        makes the same number of forward passes (a sharded model's forward is collective): a
+        process with fewer pairs repeats one and drops its result."""
+        self.policy.eval()
+        bs, pairs = self.tc.eval_batch_size, self.eval_pairs
+        mine = list(range(self.rank, len(pairs), self.world))
+        n_batches = math.ceil(math.ceil(len(pairs) / self.world) / bs)
         per_pair: dict[str, list[float]] = {}
         with torch.no_grad():
-            for s in range(0, len(mine), tc.eval_batch_size):
-                idx = mine[s : s + tc.eval_batch_size]
-                _, metrics, _ = run_loss([eval_pairs[i] for i in idx], idx, ref_eval)
+            for b in range(n_batches):
+                idx = mine[b * bs : (b + 1) * bs]
+                _, metrics, _ = self.loss_on([pairs[i] for i in idx or [0]], idx or [0],
+                                             self.ref_eval)
                 for k, v in metrics.items():
-                    per_pair.setdefault(k, []).extend(v.float().cpu().tolist())
-        policy.train()
-        gathered = gather_object([per_pair])
+                    per_pair.setdefault(k, []).extend(v.float().cpu().tolist() if idx else [])
+        self.policy.train()
         merged: dict[str, list[float]] = {}
-        for d in gathered:
+        for d in gather_object([per_pair]):
             for k, v in d.items():
                 merged.setdefault(k, []).extend(v)
-        return _mean_metrics(merged)
+        return mean_metrics(merged)
 
-    # ---- resume: the reference above was computed from the initial weights, as it must be
-    start_step, skipped_steps, overflow_steps = 0, 0, 0
-    if resume_from is not None:
-        lm = accelerator.unwrap_model(policy).lm
-        state = load_checkpoint(resume_from, lm, optimizer, scheduler, accelerator.scaler)
-        start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
-        overflow_steps = state.get("overflow_steps", 0)
-        if main:
-            truncate_metrics(out / "metrics.jsonl", start_step)
-            print(f"resumed from {resume_from} (step {start_step} of {total_steps})")
+    def global_batch(self, step: int) -> list[int]:
+        tc = self.tc
+        epoch = step // self.steps_per_epoch
+        if self._order[0] != epoch:
+            order = batch_order(self.lengths, tc.batch_size, epoch, tc.seed, tc.group_by_length)
+            self._order = (epoch, order)
+        return self._order[1][step % self.steps_per_epoch]
 
-    def checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            lm = accelerator.unwrap_model(policy).lm
-            extra = {
-                "skipped_steps": skipped_steps,
-                "overflow_steps": overflow_steps,
-                "total_steps": total_steps,
-                "config": cfg.to_dict(),
-            }
-            save_checkpoint(
-                out, step, lm, optimizer, scheduler, extra, tc.keep_checkpoints, accelerator.scaler
+    def accumulate(self, global_idx: list[int]):
+        """Forward and backward of this process's share of a global batch, in micro-batches.
+        Returns (per-pair metrics gathered from all processes, real tokens, padded tokens)."""
+        tc, acc = self.tc, self.accelerator
+        mine = global_idx[self.rank :: self.world]
+        mb = tc.micro_batch_size
+        micro = [mine[i : i + mb] for i in range(0, len(mine), mb)]
+        per_pair: dict[str, list[torch.Tensor]] = {}
+        real_tokens = padded_tokens = 0
+        for j, idx in enumerate(micro):
+            sync = j == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.policy):
+                pairs = [self.train_pairs[i] for i in idx]
+                loss, metrics, batch = self.loss_on(pairs, idx, self.ref_train)
+                # mean over the global batch; DDP averages gradients over processes
+                acc.backward(loss * len(idx) * self.world / tc.batch_size)
+            for k, v in metrics.items():
+                per_pair.setdefault(k, []).append(v)
+            real_tokens += batch.num_real_tokens
+            padded_tokens += batch.input_ids.numel()
+        stacked = {k: acc.gather(torch.cat(v)).float() for k, v in per_pair.items()}
+        return stacked, real_tokens, padded_tokens
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One optimiser step on the global batch of `step`; returns its metrics record (split
+        "train", or "skipped" for a step whose loss or gradient was not finite)."""
+        tc, acc = self.tc, self.accelerator
+        t0 = time.perf_counter()
+        global_idx = self.global_batch(step)
+        stacked, real_tokens, padded_tokens = self.accumulate(global_idx)
+        # with max_grad_norm 0 an infinite threshold measures the norm without clipping;
+        # under a loss scaler (fp16) this also unscales the gradients
+        grad_norm = _as_float(acc.clip_grad_norm_(self.params, tc.max_grad_norm or math.inf))
+        loss_finite = bool(torch.isfinite(stacked["loss"]).all())
+        if not (loss_finite and math.isfinite(grad_norm)):
+            return self.skip_step(step, global_idx, loss_finite)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = torch.tensor([real_tokens, padded_tokens], device=acc.device)
+        real_tokens, padded_tokens = acc.reduce(tokens, "sum").tolist()
+        seconds = time.perf_counter() - t0
+        self.last = {k: float(v.mean()) for k, v in stacked.items()}
+        record = {
+            "split": "train",
+            "step": step + 1,
+            "epoch": step / self.steps_per_epoch,
+            **self.last,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "seconds": seconds,
+            "pairs_per_s": tc.batch_size / seconds,
+            "tokens_per_s": real_tokens / seconds,
+            "padding_fraction": 1 - real_tokens / padded_tokens,
+        }
+        if acc.scaler is not None:
+            record["loss_scale"] = acc.scaler.get_scale()
+        return record
+
+    def skip_step(self, step: int, global_idx: list[int], loss_finite: bool) -> dict[str, Any]:
+        """A step whose loss or gradient is not finite: checked before the optimizer step, so
+        the weights and the last checkpoint are still good; the step counts, its batch is not
+        retried. Every process reaches this branch together (the loss is gathered, the norm
+        global)."""
+        scaler = self.accelerator.scaler
+        skipped: dict[str, Any] = {"split": "skipped", "step": step + 1}
+        if loss_finite and scaler is not None:
+            # fp16 gradient overflow: as in PyTorch AMP, the scaler's step skips the update and
+            # lowers the scale
+            self.optimizer.step()
+            self.progress.overflow_steps += 1
+            skipped.update(reason="fp16 gradient overflow", loss_scale=scaler.get_scale())
+        else:
+            what = f"non-finite loss or gradient at step {step + 1} (pairs {global_idx})"
+            if not self.tc.skip_nonfinite:
+                raise FloatingPointError(
+                    f"{what}; the last checkpoint is intact (set train.skip_nonfinite=true to "
+                    "skip such steps)"
+                )
+            if scaler is not None:
+                scaler.update()  # closes this step's unscale; lowers the scale on inf
+            self.progress.skipped_steps += 1
+            skipped["reason"] = what
+        self.optimizer.zero_grad(set_to_none=True)
+        return skipped
+
+    # ---- the loop
+
+    def fit(self) -> TrainResult:
+        tc, lc, acc = self.tc, self.lc, self.accelerator
+        log = self._metrics_log()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress.step,
+            desc=f"{lc.name}/{lc.aggregation} beta={lc.beta:g}",
+            disable=not (self.main and tc.progress),
+        )
+        self.policy.train()
+        train_start = time.perf_counter()
+        eval_metrics: dict[str, float] = {}
+        with StopSignals() as stop, log:
+            for step in range(self.progress.step, self.total_steps):
+                record = self.step(step)
+                self.progress.step = done = step + 1
+                trained = record["split"] == "train"
+                every = tc.eval_every
+                if trained and self.eval_pairs and every and done % every == 0 and (
+                    done < self.total_steps
+                ):
+                    eval_metrics = self.evaluate()
+                    log.write({"split": "eval", "step": done, **eval_metrics})
+                log.write(record)
+                self._show(bar, record)
+                self.checkpoint_or_stop(done, stop.agreed(acc), trained, bar)
+            bar.close()
+            train_seconds = time.perf_counter() - train_start
+            if self.eval_pairs:
+                eval_metrics = self.evaluate()
+                log.write({"split": "eval", "step": self.total_steps, **eval_metrics})
+        model_dir = self.save_model()
+        if self.main:
+            self.write_summary(train_seconds, self.last, eval_metrics)
+        acc.wait_for_everyone()
+        return TrainResult(
+            self.out,
+            self.total_steps,
+            train_seconds,
+            self.ref_seconds,
+            self.ref_hit,
+            self.last,
+            eval_metrics,
+            model_dir,
+            layout=self.layout,
+            self_check=self.checked,
+            skipped_steps=self.progress.skipped_steps,
+            overflow_steps=self.progress.overflow_steps,
+        )
+
+    def checkpoint_or_stop(self, done: int, stop: str | None, trained: bool, bar) -> None:
+        """After a step that trained, checkpoint every train.save_every steps and at the end;
+        after any step, checkpoint when stopped by a signal (agreed by all processes, so all
+        save the same step), then raise."""
+        every = self.tc.save_every
+        due = trained and every and (done % every == 0 or done == self.total_steps)
+        if stop or due:
+            self.save_checkpoint(done)
+        if stop:
+            bar.close()
+            raise TrainingInterrupted(
+                f"stopped by {stop} after step {done}; checkpoint saved in "
+                f"{checkpoint_dir(self.out)}; continue with --resume (train.resume=true)"
             )
-        accelerator.wait_for_everyone()
 
-    metrics_log = (
-        MetricsLog(out / "metrics.jsonl", out / "tensorboard" if tc.tensorboard else None)
-        if main
-        else None
-    )
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc=f"{lc.name}/{lc.aggregation} beta={lc.beta:g}",
-        disable=not (main and tc.progress),
-    )
-    policy.train()
-    train_start = time.perf_counter()
-    last: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    orders: dict[int, list[list[int]]] = {}
-    with StopSignals() as stop:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            epoch = step // steps_per_epoch
-            if epoch not in orders:
-                orders = {
-                    epoch: batch_order(lengths, tc.batch_size, epoch, tc.seed, tc.group_by_length)
-                }
-            global_idx = orders[epoch][step % steps_per_epoch]
-            mine = global_idx[rank::world]
-            micro = [
-                mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)
-            ]
-            per_pair: dict[str, list[torch.Tensor]] = {}
-            real_tokens = padded_tokens = 0
-            for j, idx in enumerate(micro):
-                sync = j == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(policy):
-                    loss, metrics, batch = run_loss([train_pairs[i] for i in idx], idx, ref_train)
-                    # mean over the global batch; DDP averages gradients over processes
-                    accelerator.backward(loss * len(idx) * world / tc.batch_size)
-                for k, v in metrics.items():
-                    per_pair.setdefault(k, []).append(v)
-                real_tokens += batch.num_real_tokens
-                padded_tokens += batch.input_ids.numel()
-            # with max_grad_norm 0 an infinite threshold measures the norm without clipping
-            # under a loss scaler (fp16) this also unscales the gradients
-            grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
-            stacked = {k: accelerator.gather(torch.cat(v)).float() for k, v in per_pair.items()}
-            loss_finite = bool(torch.isfinite(stacked["loss"]).all())
-            scaler = accelerator.scaler
-            if not (loss_finite and math.isfinite(grad_norm)):
-                # checked before the optimizer step, so the weights and the last checkpoint are
-                # still good; the step counts, its batch is not retried
-                skipped = {"split": "skipped", "step": step + 1}
-                if loss_finite and scaler is not None:
-                    # fp16 gradient overflow: as in PyTorch AMP, the scaler's step skips the
-                    # update and lowers the scale
-                    optimizer.step()
-                    overflow_steps += 1
-                    skipped.update(reason="fp16 gradient overflow", loss_scale=scaler.get_scale())
-                else:
-                    what = f"non-finite loss or gradient at step {step + 1} (pairs {global_idx})"
-                    if not tc.skip_nonfinite:
-                        raise FloatingPointError(
-                            f"{what}; the last checkpoint is intact (set "
-                            "train.skip_nonfinite=true to skip such steps)"
-                        )
-                    if scaler is not None:
-                        scaler.update()  # closes this step's unscale; lowers the scale on inf
-                    skipped_steps += 1
-                    skipped["reason"] = what
-                optimizer.zero_grad(set_to_none=True)
-                if main:
-                    metrics_log.write(skipped)
-                    bar.update(1)
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    def _metrics_log(self):
+        if not self.main:
+            return _NoLog()
+        tb = self.out / "tensorboard" if self.tc.tensorboard else None
+        return MetricsLog(self.out / "metrics.jsonl", tb)
 
-            tokens = torch.tensor([real_tokens, padded_tokens], device=accelerator.device)
-            real_tokens, padded_tokens = accelerator.reduce(tokens, "sum").tolist()
-            seconds = time.perf_counter() - t0
-            last = {k: float(v.mean()) for k, v in stacked.items()}
-            record = {
-                "split": "train",
-                "step": step + 1,
-                "epoch": step / steps_per_epoch,
-                **last,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "seconds": seconds,
-                "pairs_per_s": tc.batch_size / seconds,
-                "tokens_per_s": real_tokens / seconds,
-                "padding_fraction": 1 - real_tokens / padded_tokens,
-            }
-            if accelerator.scaler is not None:
-                record["loss_scale"] = accelerator.scaler.get_scale()
-            if (
-                eval_pairs
-                and tc.eval_every
-                and (step + 1) % tc.eval_every == 0
-                and step + 1 < total_steps
-            ):
-                eval_metrics = evaluate()
-                if main:
-                    metrics_log.write({"split": "eval", "step": step + 1, **eval_metrics})
-            if main:
-                metrics_log.write(record)
-                bar.set_postfix(
-                    loss=f"{last['loss']:.4f}",
-                    margin=f"{last['reward_margin']:.3f}",
-                    pairs_s=f"{record['pairs_per_s']:.2f}",
-                )
-                bar.update(1)
-            done = step + 1
-            if (
-                stop.requested
-                or (tc.save_every and done % tc.save_every == 0)
-                or (tc.save_every and done == total_steps)
-            ):
-                checkpoint(done)
-            if stop.requested:
-                bar.close()
-                if main:
-                    metrics_log.close()
-                raise TrainingInterrupted(
-                    f"stopped by {stop.requested} after step {done}; checkpoint saved in "
-                    f"{checkpoint_dir(out)}; continue with --resume (train.resume=true)"
-                )
-    bar.close()
-    train_seconds = time.perf_counter() - train_start
-    if eval_pairs:
-        eval_metrics = evaluate()
-        if main:
-            metrics_log.write({"split": "eval", "step": total_steps, **eval_metrics})
+    def _show(self, bar, record: dict[str, Any]) -> None:
+        if self.main and record["split"] == "train":
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                margin=f"{record['reward_margin']:.3f}",
+                pairs_s=f"{record['pairs_per_s']:.2f}",
+            )
+        bar.update(1)
 
-    model_dir = None
-    accelerator.wait_for_everyone()
-    if main:
-        metrics_log.close()
-        if tc.save_model:
-            model_dir = out / "model"
-            lm = accelerator.unwrap_model(policy).lm
-            if is_peft(lm):
-                lm.save_pretrained(out / "adapter")
-                lm = lm.merge_and_unload()  # a plain model that AutoModelForCausalLM reloads
-            lm.save_pretrained(model_dir, safe_serialization=True)
-            tokenizer.save_pretrained(model_dir)
-            if rendering is not None:  # so that `avgalign evaluate` renders prompts the same way
-                write_prompt_rendering(model_dir, rendering)
+    def write_summary(self, train_seconds: float, last: dict, eval_metrics: dict) -> None:
         summary = {
-            "steps": total_steps,
-            "skipped_steps": skipped_steps,
-            "overflow_steps": overflow_steps,
-            "layout": layout,
-            "self_check": dataclasses.asdict(checked) if checked else None,
-            "mixed_precision": mixed_precision,
+            "steps": self.total_steps,
+            "skipped_steps": self.progress.skipped_steps,
+            "overflow_steps": self.progress.overflow_steps,
+            "layout": self.layout,
+            "self_check": dataclasses.asdict(self.checked) if self.checked else None,
+            "mixed_precision": self.mixed_precision,
+            "processes": self.world,
+            "distributed": str(self.accelerator.distributed_type.value),
             "train_seconds": train_seconds,
-            "reference_seconds": ref_seconds,
-            "reference_from_cache": ref_hit,
-            "train_pairs": len(train_pairs),
-            "eval_pairs": len(eval_pairs),
-            "data": data_report,
+            "reference_seconds": self.ref_seconds,
+            "reference_from_cache": self.ref_hit,
+            "train_pairs": len(self.train_pairs),
+            "eval_pairs": len(self.eval_pairs),
+            "data": self.data_report,
             "last_train": last,
             "eval": eval_metrics,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        out,
-        total_steps,
-        train_seconds,
-        ref_seconds,
-        ref_hit,
-        last,
-        eval_metrics,
-        model_dir,
-        layout=layout,
-        self_check=checked,
-        skipped_steps=skipped_steps,
-        overflow_steps=overflow_steps,
-    )
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class _NoLog:
+    """The metrics log of a process that does not write one."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> _NoLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP (1 or 2) holds `module`'s parameters in shards. Read from the module, not
+    from Accelerate's distributed type, which does not say FSDP for CPU processes."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+
+
+def _unsharded_copy(lm, state: dict[str, torch.Tensor]):
+    """A plain copy, on the CPU, of an FSDP-sharded model, holding its gathered full `state`:
+    what save_pretrained (and PEFT's merge) needs. Main process only."""
+    from transformers import AutoModelForCausalLM
+
+    base = lm.get_base_model() if is_peft(lm) else lm
+    fresh = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    if is_peft(lm):
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, lm.peft_config[lm.active_adapter])
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"gathered state does not match {type(base).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    return fresh
