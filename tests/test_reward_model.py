@@ -80,6 +80,10 @@ def test_reward_model_learns_marker_and_loads_as_scorer(tmp_path, tiny_model_dir
     assert result.lo <= result.accuracy <= result.hi and result.n_eval == 100
     assert result.train_loss[-1] < result.train_loss[0]
     assert json.loads((out / "reward_model.json").read_text())["n_train"] == 256
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 3 * 16 + 1))  # 256 / 16 per epoch
+    first_epoch = [r["loss"] for r in steps if r["epoch"] == 0]
+    assert sum(first_epoch) * 16 / 256 == pytest.approx(result.train_loss[0], rel=1e-5)
 
     scorer = load_scorer(str(out))
     scores = scorer(["w5 w6 w7", "w5 w6 w7"], [f"w8 {MARKER} w9", "w8 w10 w9"])

@@ -8,6 +8,7 @@ scorer does (evaluation.encode_reward_inputs), so training and scoring see the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from .evaluation import (
     win_rate,
 )
 from .seeding import seeded
+from .tracking import MetricsLog
 
 PairTexts = tuple[str, str, str]  # (prompt, chosen, rejected)
 
@@ -101,6 +103,60 @@ def _load_backbone(backbone):
     )
 
 
+def fit_bradley_terry(
+    model,
+    tokenizer,
+    train: list[PairTexts],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    progress: bool,
+    log: MetricsLog | None = None,
+) -> list[float]:
+    """AdamW on the Bradley-Terry loss, pairs shuffled by `seed` each epoch; returns the mean
+    loss of each epoch. With `log`, one record per step (split "train", step, epoch, loss)."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    order_rng = random.Random(seed)
+    epoch_losses = []
+    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
+    bar = tqdm(total=epochs * steps_per_epoch, desc="reward model", disable=not progress)
+    model.train()
+    for epoch in range(epochs):
+        order = list(range(len(train)))
+        order_rng.shuffle(order)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            batch = [train[i] for i in order[start : start + batch_size]]
+            prompts = [p for p, _, _ in batch]
+            # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
+            input_ids, attention_mask = encode_reward_inputs(
+                tokenizer,
+                prompts + prompts,
+                [c for _, c, _ in batch] + [r for _, _, r in batch],
+                max_length=max_length,
+            )
+            rewards = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits[:, 0]
+            loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if log is not None:
+                step = epoch * steps_per_epoch + start // batch_size + 1
+                log.write({"split": "train", "step": step, "epoch": epoch, "loss": loss.item()})
+        epoch_losses.append(total / len(train))
+    bar.close()
+    return epoch_losses
+
+
 def train_reward_model(
     backbone_path_or_model,
     tokenizer,
@@ -143,38 +199,15 @@ def train_reward_model(
     # caller's random streams are left as they were
     with seeded(seed, device):
         model = prepare_reward_model(_load_backbone(backbone_path_or_model), tokenizer).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        order_rng = random.Random(seed)
-        epoch_losses = []
-        steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-        bar = tqdm(total=steps, desc="reward model", disable=not progress)
-        model.train()
-        for _ in range(epochs):
-            order = list(range(len(train)))
-            order_rng.shuffle(order)
-            total = 0.0
-            for start in range(0, len(order), batch_size):
-                batch = [train[i] for i in order[start : start + batch_size]]
-                prompts = [p for p, _, _ in batch]
-                # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
-                input_ids, attention_mask = encode_reward_inputs(
-                    tokenizer,
-                    prompts + prompts,
-                    [c for _, c, _ in batch] + [r for _, _, r in batch],
-                    max_length=max_length,
-                )
-                rewards = model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-                ).logits[:, 0]
-                loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            epoch_losses.append(total / len(train))
-        bar.close()
+        log = None
+        if out_dir is not None:  # a fresh record of this fit's steps
+            (Path(out_dir) / "metrics.jsonl").unlink(missing_ok=True)
+            log = MetricsLog(Path(out_dir) / "metrics.jsonl")
+        with log or contextlib.nullcontext():
+            epoch_losses = fit_bradley_terry(
+                model, tokenizer, train, epochs=epochs, lr=lr, batch_size=batch_size,
+                max_length=max_length, seed=seed, progress=progress, log=log,
+            )
 
     prompts = [p for p, _, _ in held_out]
     score = {"batch_size": batch_size, "max_length": max_length}
