@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 
 import pytest
@@ -157,6 +158,8 @@ def test_world_is_cached_and_deterministic(quick, tmp_path):
     fresh = build_world(quick.world, tmp_path, progress=False)  # same config, built again
     assert not fresh.from_cache
     assert fresh.train_pairs == world.train_pairs
+    sft_log = [json.loads(x) for x in (fresh.path / "sft.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft_log] == list(range(1, quick.world.sft.steps + 1))
     assert fingerprint_model(fresh.load_policy()) == fingerprint_model(policy)
     other = build_world(dataclasses.replace(quick.world, seed=1), tmp_path, progress=False)
     assert other.path != fresh.path and other.train_pairs != fresh.train_pairs

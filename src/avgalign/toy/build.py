@@ -14,6 +14,7 @@ when complete, so a killed build leaves no half-world behind and any config chan
     pairs.train.jsonl   one labelled pair per line: texts, token ids, oracle scores
     pairs.eval.jsonl    the same for held-out prompts (the trainer's held-out reward accuracy)
     world.json          the config and what the build measured (length bias, SFT lengths, ...)
+    sft.metrics.jsonl   the SFT loss and learning rate of every step
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 from ..data import TokenizedPair
 from ..evaluation import generate_completions, length_summary
+from ..tracking import MetricsLog
 from .sft import ModelSize, SFTConfig, build_model, single_thread, train_sft
 from .world import (
     AnnotatorConfig,
@@ -163,7 +165,10 @@ def _build(cfg: WorldConfig, folder: Path, say: Callable[[str], None], progress:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"toy world: SFT of a {n_params / 1e6:.2f}M-parameter Llama on noisy demonstrations "
         f"({cfg.sft.steps} steps)")
-    losses = train_sft(model, demo_batch, cfg.sft, pad_id=tokenizer.pad_token_id, progress=progress)
+    with MetricsLog(folder / "sft.metrics.jsonl") as log:
+        losses = train_sft(
+            model, demo_batch, cfg.sft, pad_id=tokenizer.pad_token_id, progress=progress, log=log
+        )
     sft_seconds = time.perf_counter() - t_start
     model.save_pretrained(folder / "sft", safe_serialization=True)
     tokenizer.save_pretrained(folder / "sft")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, get_scheduler
 
 from ..seeding import seeded
+from ..tracking import MetricsLog
 
 IGNORE = -100  # label of positions that are not predicted (prompt, padding)
 
@@ -110,10 +111,12 @@ def train_sft(
     *,
     pad_id: int,
     progress: bool = True,
+    log: MetricsLog | None = None,
 ) -> list[float]:
     """Train `model` in place; next_batch() -> (prompt ids, completion ids) of one step.
 
-    Returns the loss of every step. AdamW, linear warm-up then cosine decay to 0.
+    Returns the loss of every step, also written to `log` if given. AdamW, linear warm-up then
+    cosine decay to 0.
     """
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
@@ -122,7 +125,7 @@ def train_sft(
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), desc="SFT", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
         batch = sft_batch(*next_batch(), pad_id=pad_id)
         loss = model(**batch).loss
         loss.backward()
@@ -131,6 +134,9 @@ def train_sft(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if log is not None:
+            lr = scheduler.get_last_lr()[0]
+            log.write({"split": "train", "step": step + 1, "loss": losses[-1], "learning_rate": lr})
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses
