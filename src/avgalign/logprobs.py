@@ -25,6 +25,15 @@ applied by hand (see Memory) with the model's own logit post-processing: Cohere'
 Granite's `logits_scaling`, the final-logit soft cap of Gemma-2/3. `check_against_model` compares
 the result with `model(input_ids).logits` on real pairs; the trainer runs it on the first batch.
 
+Flex attention. Under `attn_implementation="flex_attention"` (see `use_flex_attention`) the same
+rule goes to the model as a `BlockMask` instead (`shared_prompt_block_mask`): its mask_mod is the
+rule above, evaluated element-wise inside the attention kernel, and only which 128 x 128 blocks
+are empty, partial or full is stored, so no [L, L] tensor is built, not even while the block mask
+is made (query blocks are classified one at a time). Memory grows with L (times L / 128 for the
+block table), not L^2, and on CUDA the attention is a fused kernel that skips empty blocks, such
+as the rejected completion's queries against the chosen completion's keys. PyTorch's flex
+attention has no backward pass on CPU: it is a CUDA (training) or CPU inference path.
+
 Memory: logits are computed only at the positions that predict a completion token, in chunks of
 at most `chunk_size` positions, so no [batch, length, vocab] tensor is ever built. Under autograd
 every chunk but the last is checkpointed (its logits are freed and recomputed in the backward
@@ -48,11 +57,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # pragma: no cover - older torch: no flex attention
+    BlockMask = None
+
 LAYOUTS = ("shared_prompt", "concat")
 # attention kinds the shared-prompt mask reproduces, as named in a config's `layer_types`
 _MASKED_KINDS = ("full_attention", "sliding_attention")
 # attention implementations that take an additive [rows, 1, L, L] mask as given
 _ADDITIVE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+# attention implementations that take the mask as a flex-attention BlockMask
+FLEX_ATTENTION = "flex_attention"
+# the block size of the BlockMask, torch's default: queries x keys per tile of the block table
+FLEX_BLOCK_SIZE = 128
 
 
 @dataclass
@@ -156,6 +174,11 @@ def pack_pairs(
     return pack_rows(rows, pad_id)
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _decoder(base: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (base itself when there is none). transformers'
     get_decoder misses a few layouts, e.g. Llama-4's text model under `.model`."""
@@ -172,18 +195,22 @@ MaskRule = Callable[..., torch.Tensor]  # transformers' (batch, head, q, kv) -> 
 class AttentionSpec:
     """What a packed batch must know of a model's self-attention: the kind of each layer
     ("full_attention" or "sliding_attention", as in a config's `layer_types`), the window of the
-    sliding layers, and why the shared-prompt layout cannot reproduce it (None: it can)."""
+    sliding layers, why the shared-prompt layout cannot reproduce it (None: it can), and whether
+    the shared-prompt mask goes to the model as a flex-attention BlockMask (the model runs
+    `flex_attention`) rather than as an additive float mask (eager, sdpa)."""
 
     layer_types: tuple[str, ...]
     sliding_window: int | None
     shared_prompt_problem: str | None
+    block_mask: bool = False
 
     @classmethod
-    def of(cls, model: nn.Module) -> AttentionSpec:
+    def of(cls, model: nn.Module, implementation: str | None = None) -> AttentionSpec:
         """Read from the config of a causal LM (or of the base model of a peft model). Layers
         without `layer_types` are sliding-window layers when the config sets `sliding_window`, as
-        in Mistral, Mixtral and Phi-3."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        in Mistral, Mixtral and Phi-3. `implementation`: the attention implementation to assume
+        instead of the config's."""
+        base = _base_model(model)
         config = base.config
         window = getattr(config, "sliding_window", None)
         n = getattr(config, "num_hidden_layers", 1)
@@ -191,7 +218,7 @@ class AttentionSpec:
             "sliding_attention" if window is not None else "full_attention"
         ] * n
         problem = None
-        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        implementation = implementation or getattr(config, "_attn_implementation", None) or "eager"
         unknown = sorted(set(layer_types) - set(_MASKED_KINDS))
         if unknown:
             problem = f"its layers include {', '.join(unknown)}"
@@ -201,13 +228,15 @@ class AttentionSpec:
             problem = "it uses bidirectional attention"
         elif getattr(config, "alibi", False):
             problem = "its ALiBi biases are built from a 2D mask"
-        elif implementation not in _ADDITIVE_MASK_IMPLEMENTATIONS:
+        elif implementation not in (*_ADDITIVE_MASK_IMPLEMENTATIONS, FLEX_ATTENTION):
             problem = f"attention implementation {implementation!r} takes no custom mask"
+        elif implementation == FLEX_ATTENTION and BlockMask is None:
+            problem = "this torch has no flex attention"
         elif "position_ids" not in inspect.signature(_decoder(base).forward).parameters:
             problem = "its decoder takes no position_ids"
         if "sliding_attention" in layer_types and window is None:
             problem = problem or "it has sliding-window layers but no sliding_window"
-        return cls(tuple(layer_types), window, problem)
+        return cls(tuple(layer_types), window, problem, implementation == FLEX_ATTENTION)
 
     def rule(self, layer_type: str, longest_sequence: int) -> MaskRule:
         """The model's own attention rule for one kind of layer, from transformers. A window
@@ -218,21 +247,142 @@ class AttentionSpec:
         return causal_mask_function
 
 
-def shared_prompt_mask(batch: PackedBatch, rule: MaskRule, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [rows, 1, L, L] for rows [prompt | completion | completion ...]: query i sees
-    key j iff the model's rule allows it on their *positions* (so that a later completion, whose
-    positions restart after the prompt, is treated as if it alone followed the prompt), j is not
-    padding, and j is in the prompt or in i's own completion. Every position sees itself, so no
-    row is fully masked."""
-    seg, pos = batch.segment_ids, batch.position_ids
-    length = seg.shape[1]
-    allowed = rule(None, None, pos[:, :, None], pos[:, None, :])  # [rows, L(query), L(key)]
-    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
+def _shared_prompt_allowed(
+    segments: torch.Tensor,
+    positions: torch.Tensor,
+    rule: MaskRule,
+    row: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+) -> torch.Tensor:
+    """Whether query token `query` of row `row` may see key token `key` in the shared-prompt
+    layout: the model's rule allows it on their *positions* (so that a later completion, whose
+    positions restart after the prompt, is treated as if it alone followed the prompt), the key
+    is not padding, and it is in the prompt or in the query's own completion; every token sees
+    itself, so no query is fully masked. The index tensors broadcast against each other (the
+    dense mask) or are scalars (a flex-attention mask_mod): one definition for both masks."""
+    seg_q, seg_k = segments[row, query], segments[row, key]
+    allowed = rule(row, None, positions[row, query], positions[row, key])
     allowed = allowed & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed = allowed | torch.eye(length, dtype=torch.bool, device=seg.device)
+    return allowed | (query == key)
+
+
+def shared_prompt_mask(batch: PackedBatch, rule: MaskRule, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [rows, 1, L, L] for rows [prompt | completion | completion ...], 0 where
+    `_shared_prompt_allowed`, the dtype's minimum elsewhere."""
+    seg, pos = batch.segment_ids, batch.position_ids
+    rows, length = seg.shape
+    index = torch.arange(length, device=seg.device)
+    row = torch.arange(rows, device=seg.device)[:, None, None]
+    allowed = _shared_prompt_allowed(seg, pos, rule, row, index[:, None], index[None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def shared_prompt_block_mask(
+    batch: PackedBatch, rule: MaskRule, block_size: int = FLEX_BLOCK_SIZE
+) -> BlockMask:
+    """The mask of `shared_prompt_mask` as a flex-attention BlockMask [rows, 1, L, L].
+
+    Its mask_mod is `_shared_prompt_allowed` on the batch's segment and position ids (padded to
+    whole blocks with padding tokens, so the kernel's indices past L stay in bounds). Which
+    block_size x block_size tiles are empty (skipped), full (the kernel skips the mask_mod) or
+    partial is found one query block at a time, so making it holds [rows, block_size, L] booleans
+    at most, not [rows, L, L] as torch's `create_block_mask` does unless compiled. A tile that
+    reaches past L counts as partial, as in `create_block_mask`.
+    """
+    if BlockMask is None:
+        raise RuntimeError("flex attention needs torch >= 2.5")
+    seg, pos = batch.segment_ids, batch.position_ids
+    rows, length = seg.shape
+    device = seg.device
+    n_blocks = -(-length // block_size)
+    extra = n_blocks * block_size - length
+    segments = torch.nn.functional.pad(seg, (0, extra), value=-1)
+    positions = torch.nn.functional.pad(pos, (0, extra), value=0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _shared_prompt_allowed(segments, positions, rule, b, q_idx, kv_idx)
+
+    keys = torch.arange(n_blocks * block_size, device=device)
+    key_real = keys < length
+    row = torch.arange(rows, device=device)[:, None, None]
+    any_seen = torch.empty(rows, n_blocks, n_blocks, dtype=torch.bool, device=device)
+    all_seen = torch.empty_like(any_seen)
+    for i in range(n_blocks):
+        queries = keys[i * block_size : (i + 1) * block_size, None]
+        allowed = _shared_prompt_allowed(segments, positions, rule, row, queries, keys[None])
+        allowed = allowed & key_real & (queries < length)  # [rows, block_size, padded L]
+        tiles = allowed.view(rows, block_size, n_blocks, block_size)
+        any_seen[:, i] = tiles.any(dim=3).any(dim=1)
+        all_seen[:, i] = tiles.all(dim=3).all(dim=1)
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # per query block: how many key blocks, and their indices first (BlockMask's layout)
+        blocks = blocks[:, None].to(torch.int32)  # [rows, 1 (heads), q blocks, kv blocks]
+        count = blocks.sum(dim=-1, dtype=torch.int32)
+        order = torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+        return count.contiguous(), order.contiguous()
+
+    partial_count, partial_index = ordered(any_seen & ~all_seen)
+    full_count, full_index = ordered(all_seen)
+    return BlockMask.from_kv_blocks(
+        partial_count,
+        partial_index,
+        full_count,
+        full_index,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(length, length),
+    )
+
+
+def flex_attention_problem(model: nn.Module, device: torch.device | str) -> str | None:
+    """Why a causal LM (or a peft model around one) is not to be trained on `device` with
+    `attn_implementation="flex_attention"` and the shared-prompt BlockMask; None when it can be.
+
+    Flex attention is offered on CUDA only (PyTorch's flex attention has no backward pass on
+    CPU), for architectures whose transformers code supports it, without attention dropout
+    (transformers' flex attention refuses it), with heads of 16 dimensions or more (the least
+    torch's CUDA kernels take), and where the shared-prompt layout is exact under
+    it (`AttentionSpec.shared_prompt_problem`: else the batches would be packed in "concat", and
+    the BlockMask would not be used)."""
+    base = _base_model(model)
+    kind = torch.device(device).type
+    if BlockMask is None:
+        return "this torch has no flex attention"
+    if kind != "cuda":
+        return f"flex attention is used on CUDA only, not {kind} (it has no backward pass on CPU)"
+    if not getattr(base, "_supports_flex_attn", False):
+        return f"transformers' {type(base).__name__} does not support flex attention"
+    if not hasattr(base, "set_attn_implementation"):
+        return "this transformers cannot switch a loaded model's attention implementation"
+    config = base.config
+    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    if dropout > 0:
+        return f"its attention dropout ({dropout}) is not supported by flex attention"
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None
+    )
+    if head_dim is not None and head_dim < 16:
+        return f"its head dimension ({head_dim}) is below the 16 torch's flex kernels need"
+    return AttentionSpec.of(base, implementation=FLEX_ATTENTION).shared_prompt_problem
+
+
+def use_flex_attention(model: nn.Module, device: torch.device | str) -> bool:
+    """Switch a loaded causal LM (or the base model of a peft model) to flex attention where
+    `flex_attention_problem` finds none, and say whether it now runs flex attention. Call it
+    before wrapping the model in CompletionLogProbs, which then passes the shared-prompt mask as
+    a BlockMask (see AttentionSpec.block_mask); otherwise the model is left as it is."""
+    base = _base_model(model)
+    if getattr(base.config, "_attn_implementation", None) == FLEX_ATTENTION:
+        return True
+    if flex_attention_problem(base, device) is not None:
+        return False
+    base.set_attn_implementation(FLEX_ATTENTION)
+    return base.config._attn_implementation == FLEX_ATTENTION
 
 
 def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -323,7 +473,7 @@ class CompletionLogProbs(nn.Module):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        base = _base_model(lm)
         decoder, head = _decoder(base), base.get_output_embeddings()
         if decoder is base or head is None:
             raise ValueError(f"{type(base).__name__} does not expose a decoder and an LM head")
@@ -358,7 +508,10 @@ class CompletionLogProbs(nn.Module):
         masks = {}  # one mask per distinct rule, shared by the kinds of layer that use it
         for rule in rules.values():
             if rule not in masks:
-                masks[rule] = shared_prompt_mask(batch, rule, dtype)
+                if self.attention.block_mask:
+                    masks[rule] = shared_prompt_block_mask(batch, rule)
+                else:
+                    masks[rule] = shared_prompt_mask(batch, rule, dtype)
         if len(masks) == 1:
             mask = next(iter(masks.values()))
         else:  # per kind of layer, as the decoder's own mask mapping
