@@ -246,3 +246,21 @@ def test_deepspeed_and_weights_on_one_process_are_refused(monkeypatch):
     Trainer.check_backend(_backend(DistributedType.FSDP))
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
         Trainer.check_backend(_backend(DistributedType.FSDP, world=3))
+
+
+def test_attention_plan():
+    from avgalign.config import ConfigError
+    from avgalign.train import attention_plan
+
+    # on a CPU: the dense mask, whatever flex says
+    assert attention_plan("auto", "shared_prompt", "cpu", "no backward on CPU") == (
+        False, "shared_prompt", None)
+    with pytest.raises(ConfigError, match="train.attention=flex: no backward on CPU"):
+        attention_plan("flex", "shared_prompt", "cpu", "no backward on CPU")
+    # on a GPU: flex where the model can, else concat with the model's attention
+    flex, layout, note = attention_plan("auto", "shared_prompt", "cuda", None)
+    assert (flex, layout) == (True, "shared_prompt") and "BlockMask" in note
+    flex, layout, note = attention_plan("auto", "shared_prompt", "cuda", "dropout 0.1")
+    assert (flex, layout) == (False, "concat") and "dropout 0.1" in note
+    assert attention_plan("model", "shared_prompt", "cuda", None) == (False, "shared_prompt", None)
+    assert attention_plan("auto", "concat", "cuda", None) == (False, "concat", None)

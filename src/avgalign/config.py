@@ -86,6 +86,10 @@ class TrainConfig:
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     eval_batch_size: int = 8
     layout: str = "shared_prompt"  # shared_prompt (prompt encoded once per pair) | concat
+    # auto: on CUDA, flex attention with a block mask for shared_prompt where the model allows
+    # it, else concat with the model's own attention; elsewhere the model's attention as loaded.
+    # flex: flex attention or an error. model: the model's attention as loaded, always.
+    attention: str = "auto"
     group_by_length: bool = True  # batch pairs of similar length together (less padding)
     logprob_chunk_size: int = 1024  # positions per LM-head chunk (0: no chunking)
     precompute_reference: bool = True  # reference log-probs computed once and cached on disk
@@ -153,10 +157,14 @@ def config_changes(
 ) -> list[str]:
     """'key: old -> new' for every key that differs between two config dicts, except `allowed`."""
     a, b = flatten(old), flatten(new)
+    defaults = flatten(Config().to_dict())
     return [
         f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
         for key in sorted(set(a) | set(b))
-        if key not in allowed and a.get(key) != b.get(key)
+        if key not in allowed
+        and a.get(key) != b.get(key)
+        # a key added since `old` was saved, at its default: the same run
+        and not (key not in a and b.get(key) == defaults.get(key))
     ]
 
 
@@ -264,6 +272,7 @@ def validate(cfg: Config) -> Config:
     )
     _require(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
     _require(train.layout in ("shared_prompt", "concat"), "train.layout: shared_prompt or concat")
+    _require(train.attention in ("auto", "flex", "model"), "train.attention: auto, flex or model")
     _require(
         train.mixed_precision in ("auto", "no", "bf16", "fp16"),
         "train.mixed_precision must be auto, no, bf16 or fp16",

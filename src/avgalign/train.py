@@ -51,7 +51,13 @@ from .data import (
     write_heldout,
     write_prompt_rendering,
 )
-from .logprobs import CompletionLogProbs, SelfCheck, check_against_model
+from .logprobs import (
+    CompletionLogProbs,
+    SelfCheck,
+    check_against_model,
+    flex_attention_problem,
+    use_flex_attention,
+)
 from .losses import LossParams, get_loss, preference_loss
 from .models import (
     cache_root,
@@ -207,6 +213,31 @@ def self_check(
         "forward pass (e.g. its logit post-processing) is not reproduced; it cannot be trained "
         "exactly here (train.self_check=false skips this check at your own risk)"
     )
+
+
+def attention_plan(
+    choice: str, layout: str, device_type: str, flex_problem: str | None
+) -> tuple[bool, str, str | None]:
+    """(switch the model to flex attention?, layout to pack in, what to print) for
+    train.attention=`choice` and train.layout=`layout`; `flex_problem` is
+    logprobs.flex_attention_problem's answer for this model and device.
+
+    The shared-prompt layout needs a custom mask. On a GPU a dense [L, L] mask costs L^2 memory
+    and keeps SDPA off its flash kernel, so "auto" uses flex attention with a block mask there,
+    or, where the model cannot, the concat layout, whose plain padding mask lets the model use
+    its fastest attention. On a CPU the dense mask is what is fast (and flex has no backward)."""
+    if choice == "model" or layout != "shared_prompt":
+        return False, layout, None
+    if flex_problem is None:
+        return True, layout, "attention: flex_attention, shared-prompt mask as a BlockMask"
+    if choice == "flex":
+        raise ConfigError(f"train.attention=flex: {flex_problem}; use train.attention=auto")
+    if device_type == "cuda":
+        return False, "concat", (
+            f"layout: concat with the model's own attention, not shared_prompt with a dense "
+            f"[L, L] mask: no flex attention ({flex_problem}); train.attention=model keeps it"
+        )
+    return False, layout, None
 
 
 def check_pair_counts(cfg: Config, train_pairs: list, eval_pairs: list) -> None:
@@ -432,15 +463,29 @@ class Trainer:
             if is_peft(model):
                 model.enable_input_require_grads()
         self.model = model
+        layout = self.choose_attention(model)
         self.policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
-        self.layout = self.policy.layout_for(tc.layout)
-        if self.main and self.layout != tc.layout:
+        self.layout = self.policy.layout_for(layout)
+        if self.main and self.layout != layout:
             print(
-                f"layout: concat, not {tc.layout}: the shared-prompt mask cannot be exact for "
+                f"layout: concat, not {layout}: the shared-prompt mask cannot be exact for "
                 f"{self.policy.architecture} ({self.policy.attention.shared_prompt_problem})"
             )
         self.policy.to(self.accelerator.device)
         self.checked = self.run_self_check() if tc.self_check else None
+
+    def choose_attention(self, model) -> str:
+        """Apply train.attention (see attention_plan); returns the layout to pack batches in."""
+        device = self.accelerator.device
+        needs_flex = self.tc.attention != "model" and self.tc.layout == "shared_prompt"
+        problem = flex_attention_problem(model, device) if needs_flex else None
+        flex, layout, note = attention_plan(self.tc.attention, self.tc.layout, device.type,
+                                            problem)
+        if flex and not use_flex_attention(model, device):
+            raise ConfigError(f"train.attention: could not switch {type(model).__name__} to flex")
+        if self.main and note:
+            print(note)
+        return layout
 
     def run_self_check(self) -> SelfCheck:
         tc = self.tc
