@@ -264,3 +264,29 @@ def test_attention_plan():
     assert (flex, layout) == (False, "concat") and "dropout 0.1" in note
     assert attention_plan("model", "shared_prompt", "cuda", None) == (False, "shared_prompt", None)
     assert attention_plan("auto", "concat", "cuda", None) == (False, "concat", None)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nan_on_one_process_is_seen_by_both(runs, tiny_model_dir, synthetic_file, skip):
+    """A NaN gradient on process 1 only, at step 3: both stop with the error naming step 3
+    (checkpoints 1 and 2 intact), or, with train.skip_nonfinite, both skip step 3 and finish."""
+    cfg = write_config(runs["tmp"], tiny_model_dir, synthetic_file, runs["tmp"] / "cache-two",
+                       save_every=1, eval_every=0, skip_nonfinite=skip, keep_checkpoints=10)
+    out = runs["tmp"] / f"nan-{skip}"
+    script = REPO / "tests" / "helpers" / "poisoned_train.py"
+    cmd = [str(LAUNCHER), "launch", "--config_file", str(FSDP_CONFIG), str(script), str(cfg),
+           "--output-dir", str(out)]
+    # two micro-batches per process per step: the 5th loss on process 1 is step 3's first
+    env = {**ENV, "POISON_RANK": "1", "POISON_CALL": "5"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if not skip:
+        assert done.returncode != 0
+        assert "non-finite loss or gradient at step 3" in done.stderr
+        assert [c.name for c in list_checkpoints(out)] == ["step-1", "step-2"]
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    assert [r["split"] for r in rows(out)][:4] == ["train", "train", "skipped", "train"]
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
