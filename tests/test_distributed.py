@@ -290,3 +290,20 @@ def test_a_nan_on_one_process_is_seen_by_both(runs, tiny_model_dir, synthetic_fi
     assert [r["split"] for r in rows(out)][:4] == ["train", "train", "skipped", "train"]
     weights = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_token_budget_under_fsdp_matches_one_process(runs, tiny_model_dir, synthetic_file):
+    """Micro-batches cut by a token budget differ between the processes; each makes as many
+    forward passes as the other (a sharded forward is collective), and the losses are those of
+    1 process."""
+    budget = {"micro_batch_size": 4, "max_tokens_per_micro_batch": 20, "eval_every": 0}
+    cfg = write_config(runs["tmp"], tiny_model_dir, synthetic_file, runs["tmp"] / "cache-two",
+                       **budget)
+    one, two = runs["tmp"] / "budget-one", runs["tmp"] / "budget-two"
+    assert one_process(cfg, one).returncode == 0
+    done = fsdp(cfg, two)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for ra, rb in zip(rows(one), rows(two), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+        if ra["split"] == "train":
+            assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)

@@ -76,6 +76,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 8  # preference pairs per optimizer step, over all processes
     micro_batch_size: int = 4  # pairs per forward pass per process (gradient accumulation fills up)
+    # also cap each forward pass at this many packed tokens (rows x padded length; 0: no cap):
+    # memory bounded by a token budget, not by the longest pairs
+    max_tokens_per_micro_batch: int = 0
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     learning_rate: float = 5e-6
@@ -262,6 +265,10 @@ def validate(cfg: Config) -> Config:
     _require(data.limit is None or data.limit > 0, "data.limit must be > 0")
     _require(train.batch_size >= 1, "train.batch_size must be >= 1")
     _require(train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _require(
+        train.max_tokens_per_micro_batch >= 0,
+        "train.max_tokens_per_micro_batch must be >= 0 (0: no token cap)",
+    )
     _require(train.learning_rate > 0, "train.learning_rate must be > 0")
     _require(train.epochs > 0, "train.epochs must be > 0")
     _require(train.max_steps is None or train.max_steps > 0, "train.max_steps must be > 0")

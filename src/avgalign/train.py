@@ -133,6 +133,56 @@ def batch_order(
     return batches
 
 
+def packed_tokens(pairs: list[TokenizedPair], layout: str) -> int:
+    """Tokens of the packed batch of `pairs` (rows x padded length), what a forward pass holds:
+    one row per pair in the shared-prompt layout, two in concat."""
+    if not pairs:
+        return 0
+    if layout == "shared_prompt":
+        return len(pairs) * max(pair_length(p) for p in pairs)
+    prompt = [len(p.prompt_ids) for p in pairs]
+    longest = max(n + max(len(p.chosen_ids), len(p.rejected_ids)) for n, p in zip(prompt, pairs))
+    return 2 * len(pairs) * longest
+
+
+def micro_batches(
+    shares: list[list[int]],
+    pairs: list[TokenizedPair],
+    layout: str,
+    max_pairs: int,
+    max_tokens: int = 0,
+) -> list[list[list[int]]]:
+    """The micro-batches of each process's share of a global batch: at most `max_pairs` pairs
+    and (when max_tokens > 0) at most `max_tokens` packed tokens each, longest pairs first; a
+    pair over the budget alone goes in a micro-batch of its own. Every process gets the same
+    number of micro-batches (a sharded model's forward pass is collective): shorter plans have
+    their biggest micro-batch halved until they match. Pure: each process computes all plans
+    and takes its own, with no communication."""
+    plans = []
+    for share in shares:
+        if not max_tokens:
+            plans.append([share[i : i + max_pairs] for i in range(0, len(share), max_pairs)])
+            continue
+        ordered = sorted(share, key=lambda i: -pair_length(pairs[i]))
+        plan: list[list[int]] = []
+        for i in ordered:
+            grown = plan[-1] + [i] if plan else None
+            if grown and len(grown) <= max_pairs and (
+                packed_tokens([pairs[j] for j in grown], layout) <= max_tokens
+            ):
+                plan[-1] = grown
+            else:
+                plan.append([i])
+        plans.append(plan)
+    target = max(len(p) for p in plans)
+    for plan in plans:
+        while len(plan) < target:
+            big = max(range(len(plan)), key=lambda k: len(plan[k]))
+            half = (len(plan[big]) + 1) // 2
+            plan[big : big + 1] = [plan[big][:half], plan[big][half:]]
+    return plans
+
+
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -717,9 +767,9 @@ class Trainer:
         """Forward and backward of this process's share of a global batch, in micro-batches.
         Returns (per-pair metrics gathered from all processes, real tokens, padded tokens)."""
         tc, acc = self.tc, self.accelerator
-        mine = global_idx[self.rank :: self.world]
-        mb = tc.micro_batch_size
-        micro = [mine[i : i + mb] for i in range(0, len(mine), mb)]
+        shares = [global_idx[r :: self.world] for r in range(self.world)]
+        micro = micro_batches(shares, self.train_pairs, self.layout, tc.micro_batch_size,
+                              tc.max_tokens_per_micro_batch)[self.rank]
         per_pair: dict[str, list[torch.Tensor]] = {}
         real_tokens = padded_tokens = 0
         for j, idx in enumerate(micro):
