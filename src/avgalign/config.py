@@ -77,8 +77,10 @@ class TrainConfig:
     batch_size: int = 8  # preference pairs per optimizer step, over all processes
     micro_batch_size: int = 4  # pairs per forward pass per process (gradient accumulation fills up)
     # also cap each forward pass at this many packed tokens (rows x padded length; 0: no cap):
-    # memory bounded by a token budget, not by the longest pairs
-    max_tokens_per_micro_batch: int = 0
+    # memory bounded by a token budget, not by the longest pairs. The default never binds at the
+    # default lengths (4 pairs x shared rows of <= 2 x 512 tokens); longer data gets fewer pairs
+    # per forward pass
+    max_tokens_per_micro_batch: int = 4096
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     learning_rate: float = 5e-6
