@@ -703,29 +703,19 @@ def worker_parity(workload: Workload, n_pairs: int, noise: float) -> None:
 
     # the DPO criterion (`dpo_parity`): log-probs to LOGP_RTOL, losses within the bound implied
     # by each pair's log-prob differences
-    dpo_checks = {
-        "ours_vs_trl": dpo_parity(
-            workload.beta,
-            per_pair(ours_policy, ours_reference),
-            per_pair(trl_policy, trl_reference),
-            ours_losses["dpo_sum"].tolist(),
-            trl_losses["dpo_sum"].tolist(),
-        ),
-        "ours_vs_naive": dpo_parity(
-            workload.beta,
-            per_pair(ours_policy, ours_reference),
-            per_pair(naive_policy, naive_reference),
-            ours_losses["dpo_sum"].tolist(),
-            naive_losses["dpo_sum"].tolist(),
-        ),
-        "trl_vs_naive": dpo_parity(
-            workload.beta,
-            per_pair(trl_policy, trl_reference),
-            per_pair(naive_policy, naive_reference),
-            trl_losses["dpo_sum"].tolist(),
-            naive_losses["dpo_sum"].tolist(),
-        ),
+    sides = {
+        "ours": (ours_policy, ours_reference, ours_losses),
+        "trl": (trl_policy, trl_reference, trl_losses),
+        "naive": (naive_policy, naive_reference, naive_losses),
     }
+
+    def dpo_check(a: str, b: str) -> dict:
+        (pol_a, ref_a, loss_a), (pol_b, ref_b, loss_b) = sides[a], sides[b]
+        return dpo_parity(workload.beta, per_pair(pol_a, ref_a), per_pair(pol_b, ref_b),
+                          loss_a["dpo_sum"].tolist(), loss_b["dpo_sum"].tolist())
+
+    pairs_compared = (("ours", "trl"), ("ours", "naive"), ("trl", "naive"))
+    dpo_checks = {f"{a}_vs_{b}": dpo_check(a, b) for a, b in pairs_compared}
     report = {
         "pairs": n,
         "tokens_identical_to_trl": identical,

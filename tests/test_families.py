@@ -203,10 +203,11 @@ def random_pairs(seed: int = 0, n: int = 3):
 
 def model_forward_logp(lm, prompt, completion):
     """What the layouts must reproduce: lm(prompt + completion).logits, one lone sequence."""
-    logits = lm(torch.tensor([prompt + completion])).logits[0]
+    device = lm.device
+    logits = lm(torch.tensor([prompt + completion], device=device)).logits[0]
     logp = torch.log_softmax(logits.double(), dim=-1)
-    index = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
-    return logp[index, torch.tensor(completion)].sum()
+    index = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1, device=device)
+    return logp[index, torch.tensor(completion, device=device)].sum()
 
 
 def expected_logps(lm, prompts, chosen, rejected):

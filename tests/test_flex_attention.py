@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers as tf
 import transformers.integrations.flex_attention as hf_flex
+from test_families import WINDOW, _llama_like, expected_logps, random_pairs
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from avgalign.logprobs import (
@@ -35,8 +36,6 @@ from avgalign.logprobs import (
     use_flex_attention,
 )
 
-VOCAB = 97
-WINDOW = 7
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # families whose log-probs run torch's compiled flex kernel on CPU too (one mask, and a full and
@@ -46,18 +45,8 @@ CPU_KERNEL = {"llama", "qwen2"}
 
 
 def _config(cls, **kw):
-    return cls(
-        **{
-            "vocab_size": VOCAB,
-            "hidden_size": 64,  # head_dim 16, the least torch's CUDA flex kernel takes
-            "intermediate_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            **kw,
-        }
-    )
+    # head_dim 16, the least torch's CUDA flex kernel takes
+    return _llama_like(cls, **{"hidden_size": 64, **kw})
 
 
 CONFIGS = {
@@ -102,33 +91,6 @@ def fused_kernels_only(monkeypatch):
     if CUDA:
         monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
         monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-
-
-def random_pairs(seed: int = 0, n: int = 3):
-    g = torch.Generator().manual_seed(seed)
-
-    def seq(lo, hi):
-        length = int(torch.randint(lo, hi, (1,), generator=g))
-        return torch.randint(3, VOCAB, (length,), generator=g).tolist()
-
-    return (
-        [seq(3, 13) for _ in range(n)],
-        [seq(8, 30) for _ in range(n)],
-        [seq(8, 30) for _ in range(n)],
-    )
-
-
-def lone_logps(lm, prompts, chosen, rejected) -> torch.Tensor:
-    """lm(prompt + completion).logits on each lone sequence, as in tests/test_families.py."""
-    values = []
-    for comps in (chosen, rejected):
-        for prompt, completion in zip(prompts, comps):
-            logits = lm(torch.tensor([prompt + completion], device=DEVICE)).logits[0]
-            logp = torch.log_softmax(logits.double(), dim=-1)
-            start = len(prompt) - 1
-            index = torch.arange(start, start + len(completion), device=DEVICE)
-            values.append(logp[index, torch.tensor(completion, device=DEVICE)].sum())
-    return torch.stack(values)
 
 
 def read_block_mask(block_mask) -> torch.Tensor:
@@ -206,7 +168,7 @@ def test_flex_log_probs_match_the_dense_mask_and_lone_sequences(family):
                 patch.setattr(hf_flex, "compile_friendly_flex_attention", reference_flex_attention)
             ours, counts = CompletionLogProbs(flex, chunk_size=0)(batch)
         theirs, _ = CompletionLogProbs(dense, chunk_size=0)(batch)
-        lone = lone_logps(dense, prompts, chosen, rejected)
+        lone = expected_logps(dense, prompts, chosen, rejected)
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=0)
     torch.testing.assert_close(ours.double(), lone, rtol=1e-5, atol=0)
     assert counts.tolist() == [len(c) for c in chosen] + [len(r) for r in rejected]
@@ -229,9 +191,9 @@ def test_flex_lone_sequences_and_self_check_on_cuda(family):
     name, flex, dense = family
     prompts, chosen, rejected = random_pairs()
     with torch.no_grad():
-        expected = lone_logps(dense, prompts, chosen, rejected)
+        expected = expected_logps(dense, prompts, chosen, rejected)
         torch.testing.assert_close(
-            lone_logps(flex, prompts, chosen, rejected), expected, rtol=1e-5, atol=0
+            expected_logps(flex, prompts, chosen, rejected), expected, rtol=1e-5, atol=0
         )
         concat = pack_pairs(prompts, chosen, rejected, 0, "concat").to(DEVICE)
         sums, _ = CompletionLogProbs(flex, chunk_size=0)(concat)
@@ -264,7 +226,7 @@ def test_flex_gradients_match_the_dense_mask_and_lone_sequences(family, monkeypa
         ours = grads(flex, (sums.double() * weights).sum())
         dense_sums, _ = CompletionLogProbs(dense, chunk_size=5)(batch)
         via_dense = grads(dense, (dense_sums.double() * weights).sum())
-        lone = lone_logps(dense, prompts, chosen, rejected)
+        lone = expected_logps(dense, prompts, chosen, rejected)
         via_lone = grads(dense, (lone * weights).sum())
     finally:
         flex.eval()

@@ -111,13 +111,13 @@ def cached_reference_logps(
     """Load reference log-probs from `cache_dir/ref-<key>.safetensors`, or compute them (every
     process takes part in `compute`) and have the main process write them atomically.
     Returns (values, loaded_from_cache); every process gets the same values."""
+    path = cache_dir / f"ref-{key}.safetensors"
+    hit = path.is_file()
     if accelerator.num_processes > 1:
         # one decision for all processes, the main process's: the same file, and a file that
         # appears between two processes' checks does not split them
-        key, hit = gather_object([(key, (cache_dir / f"ref-{key}.safetensors").is_file())])[0]
-    path = cache_dir / f"ref-{key}.safetensors"
-    if accelerator.num_processes == 1:
-        hit = path.is_file()
+        key, hit = gather_object([(key, hit)])[0]
+        path = cache_dir / f"ref-{key}.safetensors"
     if hit:
         return ReferenceLogps(**load_file(str(path))), True
     ref = compute()
