@@ -248,21 +248,34 @@ def test_deepspeed_and_weights_on_one_process_are_refused(monkeypatch):
 
 
 def test_attention_plan():
+    from avgalign.attention import SPLIT_ATTENTION
     from avgalign.config import ConfigError
+    from avgalign.logprobs import FLEX_ATTENTION
     from avgalign.train import attention_plan
 
-    # on a CPU: the dense mask, whatever flex says
-    assert attention_plan("auto", "shared_prompt", "cpu", "no backward on CPU") == (
-        False, "shared_prompt", None)
+    no_flex = "no backward on CPU"
+    # on a CPU: split attention where the model can, else the dense mask; flex never
+    impl, layout, note = attention_plan("auto", "shared_prompt", "cpu", no_flex, None)
+    assert (impl, layout) == (SPLIT_ATTENTION, "shared_prompt") and "split" in note
+    impl, layout, note = attention_plan("auto", "shared_prompt", "cpu", no_flex, "it runs 'eager'")
+    assert (impl, layout) == (None, "shared_prompt") and "it runs 'eager'" in note
     with pytest.raises(ConfigError, match="train.attention=flex: no backward on CPU"):
-        attention_plan("flex", "shared_prompt", "cpu", "no backward on CPU")
-    # on a GPU: flex where the model can, else concat with the model's attention
-    flex, layout, note = attention_plan("auto", "shared_prompt", "cuda", None)
-    assert (flex, layout) == (True, "shared_prompt") and "BlockMask" in note
-    flex, layout, note = attention_plan("auto", "shared_prompt", "cuda", "dropout 0.1")
-    assert (flex, layout) == (False, "concat") and "dropout 0.1" in note
-    assert attention_plan("model", "shared_prompt", "cuda", None) == (False, "shared_prompt", None)
-    assert attention_plan("auto", "concat", "cuda", None) == (False, "concat", None)
+        attention_plan("flex", "shared_prompt", "cpu", no_flex, None)
+    with pytest.raises(ConfigError, match="train.attention=split: soft-capped"):
+        attention_plan("split", "shared_prompt", "cpu", no_flex, "soft-capped")
+    # on a GPU: flex where the model can, else split, else concat with the model's attention
+    impl, layout, note = attention_plan("auto", "shared_prompt", "cuda", None, None)
+    assert (impl, layout) == (FLEX_ATTENTION, "shared_prompt") and "BlockMask" in note
+    impl, layout, note = attention_plan("auto", "shared_prompt", "cuda", "dropout 0.1", None)
+    assert (impl, layout) == (SPLIT_ATTENTION, "shared_prompt")
+    impl, layout, note = attention_plan("split", "shared_prompt", "cuda", None, None)
+    assert (impl, layout) == (SPLIT_ATTENTION, "shared_prompt")
+    impl, layout, note = attention_plan("auto", "shared_prompt", "cuda", "dropout 0.1", "eager")
+    assert (impl, layout) == (None, "concat") and "dropout 0.1" in note and "eager" in note
+    for device in ("cpu", "cuda"):
+        assert attention_plan("model", "shared_prompt", device, None, None) == (
+            None, "shared_prompt", None)
+        assert attention_plan("auto", "concat", device, None, None) == (None, "concat", None)
 
 
 @pytest.mark.parametrize("skip", [False, True])

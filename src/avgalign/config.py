@@ -91,9 +91,10 @@ class TrainConfig:
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     eval_batch_size: int = 8
     layout: str = "shared_prompt"  # shared_prompt (prompt encoded once per pair) | concat
-    # auto: on CUDA, flex attention with a block mask for shared_prompt where the model allows
-    # it, else concat with the model's own attention; elsewhere the model's attention as loaded.
-    # flex: flex attention or an error. model: the model's attention as loaded, always.
+    # how the shared_prompt layout's attention is computed. auto: on CUDA, flex attention with a
+    # block mask where the model allows it; else split attention (causal SDPA passes, one per
+    # completion, no mask) where the model runs sdpa; else a dense [L, L] mask on a CPU, the
+    # concat layout on CUDA. flex / split: that, or an error. model: the dense mask, always.
     attention: str = "auto"
     group_by_length: bool = True  # batch pairs of similar length together (less padding)
     logprob_chunk_size: int = 1024  # positions per LM-head chunk (0: no chunking)
@@ -281,7 +282,10 @@ def validate(cfg: Config) -> Config:
     )
     _require(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
     _require(train.layout in ("shared_prompt", "concat"), "train.layout: shared_prompt or concat")
-    _require(train.attention in ("auto", "flex", "model"), "train.attention: auto, flex or model")
+    _require(
+        train.attention in ("auto", "flex", "split", "model"),
+        "train.attention: auto, flex, split or model",
+    )
     _require(
         train.mixed_precision in ("auto", "no", "bf16", "fp16"),
         "train.mixed_precision must be auto, no, bf16 or fp16",

@@ -57,6 +57,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
+from .attention import SPLIT_ATTENTION, SplitLayout
+
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask
 except ImportError:  # pragma: no cover - older torch: no flex attention
@@ -66,7 +68,7 @@ LAYOUTS = ("shared_prompt", "concat")
 # attention kinds the shared-prompt mask reproduces, as named in a config's `layer_types`
 _MASKED_KINDS = ("full_attention", "sliding_attention")
 # attention implementations that take an additive [rows, 1, L, L] mask as given
-_ADDITIVE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+_ADDITIVE_MASK_IMPLEMENTATIONS = ("eager", "sdpa", SPLIT_ATTENTION)
 # attention implementations that take the mask as a flex-attention BlockMask
 FLEX_ATTENTION = "flex_attention"
 # the block size of the BlockMask, torch's default: queries x keys per tile of the block table
@@ -203,6 +205,7 @@ class AttentionSpec:
     sliding_window: int | None
     shared_prompt_problem: str | None
     block_mask: bool = False
+    split: bool = False
 
     @classmethod
     def of(cls, model: nn.Module, implementation: str | None = None) -> AttentionSpec:
@@ -236,7 +239,13 @@ class AttentionSpec:
             problem = "its decoder takes no position_ids"
         if "sliding_attention" in layer_types and window is None:
             problem = problem or "it has sliding-window layers but no sliding_window"
-        return cls(tuple(layer_types), window, problem, implementation == FLEX_ATTENTION)
+        return cls(
+            tuple(layer_types),
+            window,
+            problem,
+            block_mask=implementation == FLEX_ATTENTION,
+            split=implementation == SPLIT_ATTENTION,
+        )
 
     def rule(self, layer_type: str, longest_sequence: int) -> MaskRule:
         """The model's own attention rule for one kind of layer, from transformers. A window
@@ -385,6 +394,65 @@ def use_flex_attention(model: nn.Module, device: torch.device | str) -> bool:
     return base.config._attn_implementation == FLEX_ATTENTION
 
 
+def split_attention_problem(model: nn.Module) -> str | None:
+    """Why a causal LM (or a peft model around one) is not to compute the shared-prompt layout
+    as causal attention passes (`attention.SPLIT_ATTENTION`); None when it can. Split attention
+    reproduces transformers' SDPA attention, so the model must run "sdpa", without attention
+    soft-capping, and be one whose shared-prompt mask it could be given (AttentionSpec); batches
+    whose sliding window hides part of a sequence still get the dense mask."""
+    base = _base_model(model)
+    implementation = getattr(base.config, "_attn_implementation", None)
+    if implementation == SPLIT_ATTENTION:
+        return None
+    if getattr(base.config, "attn_logit_softcapping", None):
+        return "its attention logits are soft-capped"
+    if implementation != "sdpa":
+        return f"it runs {implementation!r} attention; split attention reproduces 'sdpa'"
+    if not hasattr(base, "set_attn_implementation"):
+        return "this transformers cannot switch a loaded model's attention implementation"
+    can_switch = getattr(base, "_can_set_attn_implementation", None)  # transformers' own test
+    if can_switch is not None and not can_switch():
+        return "its attention layers do not call transformers' AttentionInterface"
+    return AttentionSpec.of(base, implementation=SPLIT_ATTENTION).shared_prompt_problem
+
+
+def use_split_attention(model: nn.Module) -> str | None:
+    """Switch a loaded causal LM (or the base model of a peft model) to split attention where
+    `split_attention_problem` finds none; returns the problem (None: it now runs split
+    attention). Anything but a shared-prompt batch then runs exactly as under "sdpa"."""
+    problem = split_attention_problem(model)
+    base = _base_model(model)
+    implementation = base.config._attn_implementation
+    if problem is not None:
+        return problem
+    if base.config._attn_implementation != SPLIT_ATTENTION:
+        try:
+            base.set_attn_implementation(SPLIT_ATTENTION)
+        except ValueError as error:
+            return f"transformers refused to switch it: {error}"
+    if base.config._attn_implementation != SPLIT_ATTENTION:  # it only warns for some models
+        return "its attention layers do not call transformers' AttentionInterface"
+    calls, layers = _split_attention_probe(base)
+    if calls != layers:
+        base.set_attn_implementation(implementation)
+        return f"its layers do not pass the layout to the attention function ({calls} of {layers})"
+    return None
+
+
+@torch.no_grad()
+def _split_attention_probe(base: nn.Module) -> tuple[int, int]:
+    """(attention calls that received the layout, attention layers) for one 3-token pair."""
+    batch = pack_pairs([[0]], [[0]], [[0]], pad_id=0).to(next(base.parameters()).device)
+    split = SplitLayout.of(batch.segment_ids)
+    _decoder(base)(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        shared_prompt_split=split,
+    )
+    return split.calls[0], len(AttentionSpec.of(base).layer_types)
+
+
 def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, stop) ranges covering 0..n in chunks of at most chunk_size (0: one chunk), the
     short remainder first and every later chunk full."""
@@ -505,6 +573,9 @@ class CompletionLogProbs(nn.Module):
             kind: self.attention.rule(kind, batch.longest_sequence)
             for kind in self.attention.layer_types
         }
+        if self.attention.split and set(rules.values()) == {causal_mask_function}:
+            split = SplitLayout.of(batch.segment_ids)
+            return {"position_ids": batch.position_ids, "shared_prompt_split": split}
         masks = {}  # one mask per distinct rule, shared by the kinds of layer that use it
         for rule in rules.values():
             if rule not in masks:
@@ -521,9 +592,16 @@ class CompletionLogProbs(nn.Module):
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = self._parts
         dtype = next(head.parameters()).dtype
-        hidden = decoder(
-            input_ids=batch.input_ids, use_cache=False, **self._attention_inputs(batch, dtype)
-        ).last_hidden_state
+        inputs = self._attention_inputs(batch, dtype)
+        hidden = decoder(input_ids=batch.input_ids, use_cache=False, **inputs).last_hidden_state
+        split = inputs.get("shared_prompt_split")
+        if split is not None and split.calls[0] != len(self.attention.layer_types):
+            raise RuntimeError(
+                f"split attention ran in {split.calls[0]} of {self.architecture}'s "
+                f"{len(self.attention.layer_types)} attention layers: its layers do not pass "
+                f"the decoder's keyword arguments to the attention function; use "
+                f"train.attention=model"
+            )
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.source_index]
         bounds = chunk_bounds(hidden.shape[0], self.chunk_size)
         pieces = []

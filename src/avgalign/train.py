@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .attention import SPLIT_ATTENTION
 from .checkpoint import (
     HELDOUT_FILE,
     check_output_dir,
@@ -52,11 +53,14 @@ from .data import (
     write_prompt_rendering,
 )
 from .logprobs import (
+    FLEX_ATTENTION,
     CompletionLogProbs,
     SelfCheck,
     check_against_model,
     flex_attention_problem,
+    split_attention_problem,
     use_flex_attention,
+    use_split_attention,
 )
 from .losses import LossParams, get_loss, preference_loss
 from .models import (
@@ -266,28 +270,45 @@ def self_check(
 
 
 def attention_plan(
-    choice: str, layout: str, device_type: str, flex_problem: str | None
-) -> tuple[bool, str, str | None]:
-    """(switch the model to flex attention?, layout to pack in, what to print) for
-    train.attention=`choice` and train.layout=`layout`; `flex_problem` is
-    logprobs.flex_attention_problem's answer for this model and device.
+    choice: str,
+    layout: str,
+    device_type: str,
+    flex_problem: str | None,
+    split_problem: str | None,
+) -> tuple[str | None, str, str | None]:
+    """(attention implementation to switch the model to, or None; layout to pack in; what to
+    print) for train.attention=`choice` and train.layout=`layout`. `flex_problem` and
+    `split_problem` are logprobs.flex_attention_problem's and split_attention_problem's answers
+    for this model and device (None: it can).
 
-    The shared-prompt layout needs a custom mask. On a GPU a dense [L, L] mask costs L^2 memory
-    and keeps SDPA off its flash kernel, so "auto" uses flex attention with a block mask there,
-    or, where the model cannot, the concat layout, whose plain padding mask lets the model use
-    its fastest attention. On a CPU the dense mask is what is fast (and flex has no backward)."""
+    The shared-prompt layout needs a custom mask. Given as a dense [L, L] mask, SDPA computes
+    every query against every key, and on a GPU it costs L^2 memory and keeps SDPA off its flash
+    kernel. "auto" takes, on CUDA, flex attention with a block mask; elsewhere, or where flex
+    cannot run, split attention (causal SDPA passes, no mask; see avgalign.attention); where
+    neither can, the dense mask on a CPU, the concat layout (the model's own attention) on CUDA."""
     if choice == "model" or layout != "shared_prompt":
-        return False, layout, None
-    if flex_problem is None:
-        return True, layout, "attention: flex_attention, shared-prompt mask as a BlockMask"
+        return None, layout, None
+    flex_note = "attention: flex_attention, shared-prompt mask as a BlockMask"
+    split_note = "attention: split (causal SDPA passes per completion, no shared-prompt mask)"
     if choice == "flex":
-        raise ConfigError(f"train.attention=flex: {flex_problem}; use train.attention=auto")
+        if flex_problem:
+            raise ConfigError(f"train.attention=flex: {flex_problem}; use train.attention=auto")
+        return FLEX_ATTENTION, layout, flex_note
+    if choice == "split":
+        if split_problem:
+            raise ConfigError(f"train.attention=split: {split_problem}; use train.attention=auto")
+        return SPLIT_ATTENTION, layout, split_note
+    if device_type == "cuda" and flex_problem is None:
+        return FLEX_ATTENTION, layout, flex_note
+    if split_problem is None:
+        return SPLIT_ATTENTION, layout, split_note
     if device_type == "cuda":
-        return False, "concat", (
+        return None, "concat", (
             f"layout: concat with the model's own attention, not shared_prompt with a dense "
-            f"[L, L] mask: no flex attention ({flex_problem}); train.attention=model keeps it"
+            f"[L, L] mask: no flex attention ({flex_problem}) nor split attention "
+            f"({split_problem}); train.attention=model keeps it"
         )
-    return False, layout, None
+    return None, layout, f"attention: a dense shared-prompt mask (no split: {split_problem})"
 
 
 def check_pair_counts(cfg: Config, train_pairs: list, eval_pairs: list) -> None:
@@ -527,12 +548,19 @@ class Trainer:
     def choose_attention(self, model) -> str:
         """Apply train.attention (see attention_plan); returns the layout to pack batches in."""
         device = self.accelerator.device
-        needs_flex = self.tc.attention != "model" and self.tc.layout == "shared_prompt"
-        problem = flex_attention_problem(model, device) if needs_flex else None
-        flex, layout, note = attention_plan(self.tc.attention, self.tc.layout, device.type,
-                                            problem)
-        if flex and not use_flex_attention(model, device):
+        wanted = self.tc.attention != "model" and self.tc.layout == "shared_prompt"
+        flex_problem = flex_attention_problem(model, device) if wanted else None
+        split_problem = split_attention_problem(model) if wanted else None
+        implementation, layout, note = attention_plan(
+            self.tc.attention, self.tc.layout, device.type, flex_problem, split_problem
+        )
+        if implementation == FLEX_ATTENTION and not use_flex_attention(model, device):
             raise ConfigError(f"train.attention: could not switch {type(model).__name__} to flex")
+        refused = use_split_attention(model) if implementation == SPLIT_ATTENTION else None
+        if refused:  # some refusals show only when tried: plan again knowing it
+            implementation, layout, note = attention_plan(
+                self.tc.attention, self.tc.layout, device.type, flex_problem, refused
+            )
         if self.main and note:
             print(note)
         return layout
