@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py [--threads 2] [--steps 3] [--chunk-size 1024]
 
 Builds what `avgalign.train.train` builds for a step (the policy wrapped in CompletionLogProbs,
-shared-prompt rows, AdamW, gradient clipping, reference log-probs precomputed), takes the
+shared-prompt rows with split attention where the model allows it, fused AdamW, gradient
+clipping, reference log-probs precomputed; `--attention model` gives the dense mask), takes the
 length-grouped batch of median length among the benchmark's pairs (benchmarks/bench_dpo.py, same
 defaults), runs warm-up steps and profiles the last one. Prints the time of each phase (forward,
 loss, backward, clipping + optimizer) and the operators with the most self CPU time.
@@ -40,13 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3, help="steps run; the last is profiled")
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
+    parser.add_argument("--attention", choices=("split", "model"), default="split",
+                        help="split: causal SDPA passes (the trainer's choice on a CPU); "
+                        "model: the dense shared-prompt mask")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
 
-    from avgalign.logprobs import CompletionLogProbs, pack_pairs
+    from avgalign.logprobs import CompletionLogProbs, pack_pairs, use_split_attention
     from avgalign.losses import LossParams, preference_loss
-    from avgalign.train import batch_order, compute_reference_logps, pair_length
+    from avgalign.train import adamw, batch_order, compute_reference_logps, pair_length
 
     workload = Workload(
         model=args.model,
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "shared_prompt",
     )
     model = AutoModelForCausalLM.from_pretrained(model_path(workload), dtype=torch.float32)
+    refused = use_split_attention(model) if args.attention == "split" else "not asked for"
+    print(f"attention: {'split' if refused is None else f'dense mask ({refused})'}")
     policy = CompletionLogProbs(model, chunk_size=args.chunk_size)
     ref = compute_reference_logps(
         policy,
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=workload.learning_rate)
+    optimizer = adamw(params, workload.learning_rate, 0.0, torch.device("cpu"))
     m = len(chosen)
     print(
         f"batch: {m} pairs, rows {tuple(batch.input_ids.shape)}, "

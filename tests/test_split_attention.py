@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import FAMILIES, VOCAB, WINDOW, build, expected_logps, random_pairs
+from test_families import FAMILIES, VOCAB, build, expected_logps, random_pairs
 from test_train import read_metrics, tiny_config
 
 from avgalign.attention import SPLIT_ATTENTION, SplitLayout

@@ -8,7 +8,14 @@ import torch
 from test_train import read_metrics, tiny_config
 
 from avgalign.data import TokenizedPair
-from avgalign.train import Trainer, _accelerator, micro_batches, packed_tokens, train
+from avgalign.train import (
+    Trainer,
+    _accelerator,
+    activation_checkpointing,
+    micro_batches,
+    packed_tokens,
+    train,
+)
 
 
 def pair(prompt: int, chosen: int, rejected: int) -> TokenizedPair:
@@ -81,3 +88,36 @@ def test_token_budget_run_matches_one_batch_per_step(tmp_path, tiny_model_dir, s
         assert b["padding_fraction"] < a["padding_fraction"]
         for key in ("loss", "reward_margin", "grad_norm", "logp_sum_chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_activation_checkpointing_turns_on_only_where_the_budget_cannot_bound_a_pair():
+    pairs = [pair(4, 20, 20), pair(4, 2, 2), pair(10, 30, 25)]  # 44, 8 and 65 tokens alone
+    assert activation_checkpointing("auto", pairs, "shared_prompt", 4096) == (False, None)
+    assert activation_checkpointing("auto", pairs, "shared_prompt", 0) == (False, None)
+    on, note = activation_checkpointing("auto", pairs, "shared_prompt", 50)
+    assert on and "1 of 3 pairs alone pack to more than" in note and "(up to 65)" in note
+    on, note = activation_checkpointing("auto", pairs, "concat", 50)  # 2 x 24 = 48, 2 x 40 = 80
+    assert on and "1 of 3 pairs" in note and "(up to 80)" in note
+    assert activation_checkpointing(False, pairs, "shared_prompt", 50) == (False, None)
+    assert activation_checkpointing(True, pairs, "shared_prompt", 4096) == (True, None)
+
+
+def test_checkpointed_run_under_a_tight_budget_matches_the_plain_run(
+    tmp_path, tiny_model_dir, synthetic_file, capsys
+):
+    """A budget smaller than the longest pairs: auto checkpoints activations (recomputing each
+    layer in the backward pass, split attention included), and trains as without."""
+    runs = {}
+    for name, checkpointing in (("auto", "auto"), ("off", "false")):
+        cfg = tiny_config(tmp_path, tiny_model_dir, synthetic_file, **{
+            "train.max_steps": 2, "train.max_tokens_per_micro_batch": 12,
+            "train.gradient_checkpointing": checkpointing,
+            "train.output_dir": str(tmp_path / name)})
+        train(cfg)
+        runs[name] = read_metrics(tmp_path / name, "train")
+    printed = capsys.readouterr().out
+    assert printed.count("activation checkpointing: on") == 1
+    assert "attention: split" in printed
+    for a, b in zip(runs["auto"], runs["off"], strict=True):
+        for key in ("loss", "grad_norm", "logp_sum_chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

@@ -101,7 +101,9 @@ class TrainConfig:
     precompute_reference: bool = True  # reference log-probs computed once and cached on disk
     reference_cache_dir: str | None = None  # default: <cache>/reference
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
-    gradient_checkpointing: bool = False
+    # activation checkpointing. auto: on only where the token budget cannot bound a forward
+    # pass (a pair alone packs to more than max_tokens_per_micro_batch); true / false force it
+    gradient_checkpointing: bool | str = "auto"
     tensorboard: bool = False
     progress: bool = True
     save_model: bool = True
@@ -143,6 +145,10 @@ RESUMABLE_CHANGES = frozenset(
         "train.reference_cache_dir",
         "train.self_check",
         "train.save_model",
+        # memory settings that leave the loss and gradients as they are: a run that ran out of
+        # memory can resume with a smaller budget or with activation checkpointing
+        "train.max_tokens_per_micro_batch",
+        "train.gradient_checkpointing",
     }
 )
 
@@ -282,6 +288,10 @@ def validate(cfg: Config) -> Config:
     )
     _require(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
     _require(train.layout in ("shared_prompt", "concat"), "train.layout: shared_prompt or concat")
+    _require(
+        train.gradient_checkpointing in (True, False, "auto"),
+        f"train.gradient_checkpointing: true, false or auto, got {train.gradient_checkpointing!r}",
+    )
     _require(
         train.attention in ("auto", "flex", "split", "model"),
         "train.attention: auto, flex, split or model",

@@ -149,6 +149,25 @@ def packed_tokens(pairs: list[TokenizedPair], layout: str) -> int:
     return 2 * len(pairs) * longest
 
 
+def activation_checkpointing(
+    setting: bool | str, pairs: list[TokenizedPair], layout: str, max_tokens: int
+) -> tuple[bool, str | None]:
+    """(checkpoint activations?, what to print) for train.gradient_checkpointing=`setting`.
+    The token budget bounds what a forward pass holds, except for a pair that alone packs to
+    more than `max_tokens`: "auto" turns checkpointing on only then (it recomputes each layer's
+    forward pass in the backward pass, about a third more compute), true and false force it."""
+    if setting != "auto":
+        return bool(setting), None
+    over = [n for n in (packed_tokens([p], layout) for p in pairs) if max_tokens and n > max_tokens]
+    if not over:
+        return False, None
+    return True, (
+        f"activation checkpointing: on, as {len(over)} of {len(pairs)} pairs alone pack to more "
+        f"than train.max_tokens_per_micro_batch={max_tokens} tokens (up to {max(over)}); "
+        f"train.gradient_checkpointing=false turns it off"
+    )
+
+
 def micro_batches(
     shares: list[list[int]],
     pairs: list[TokenizedPair],
@@ -309,6 +328,14 @@ def attention_plan(
             f"({split_problem}); train.attention=model keeps it"
         )
     return None, layout, f"attention: a dense shared-prompt mask (no split: {split_problem})"
+
+
+def adamw(params: list, lr: float, weight_decay: float, device: torch.device):
+    """AdamW, with torch's fused kernel where it has one for the device (CPU, CUDA): one pass over
+    the parameters per step instead of a dozen foreach passes. Over SmolLM2-135M on this 2-core
+    CPU, clipping + step take ~0.2 s instead of ~0.8 s (see docs/benchmarks.md)."""
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def check_pair_counts(cfg: Config, train_pairs: list, eval_pairs: list) -> None:
@@ -529,10 +556,6 @@ class Trainer:
         self.model_fp = fingerprint_model(model) if precompute else ""
         if not is_peft(model):
             model = maybe_add_lora(model, self.cfg.model, seed=tc.seed)
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            if is_peft(model):
-                model.enable_input_require_grads()
         self.model = model
         layout = self.choose_attention(model)
         self.policy = CompletionLogProbs(model, chunk_size=tc.logprob_chunk_size)
@@ -542,6 +565,15 @@ class Trainer:
                 f"layout: concat, not {layout}: the shared-prompt mask cannot be exact for "
                 f"{self.policy.architecture} ({self.policy.attention.shared_prompt_problem})"
             )
+        checkpointing, note = activation_checkpointing(
+            tc.gradient_checkpointing, self.train_pairs, self.layout, tc.max_tokens_per_micro_batch
+        )
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            if is_peft(model):
+                model.enable_input_require_grads()
+        if self.main and note:
+            print(note)
         self.policy.to(self.accelerator.device)
         self.checked = self.run_self_check() if tc.self_check else None
 
@@ -637,7 +669,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_pairs) // tc.batch_size
         self.total_steps = tc.max_steps or max(1, int(tc.epochs * self.steps_per_epoch))
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        optimizer = adamw(params, tc.learning_rate, tc.weight_decay, self.accelerator.device)
         self.scheduler = get_scheduler(
             "constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler,
             optimizer,
