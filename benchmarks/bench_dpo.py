@@ -558,7 +558,7 @@ def worker_parity(workload: Workload, n_pairs: int, noise: float) -> None:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from avgalign.logprobs import CompletionLogProbs, pack_pairs
+    from avgalign.logprobs import CompletionLogProbs, pack_pairs, use_split_attention
     from avgalign.losses import LossParams, preference_loss
     from avgalign.train import compute_reference_logps, pair_length
 
@@ -575,9 +575,13 @@ def worker_parity(workload: Workload, n_pairs: int, noise: float) -> None:
         for p in policy.parameters():
             p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
 
-    # ours, every speed technique on: shared-prompt rows with the 4D mask, length-grouped and
-    # padded batches, the LM head in small checkpointed chunks under autograd (as in training),
-    # the reference through the precompute path (inference mode, length-sorted batches)
+    # ours, every speed technique on: shared-prompt rows with the attention the trainer picks on
+    # a CPU (split attention, else the 4D mask), length-grouped and padded batches, the LM head in
+    # small checkpointed chunks under autograd (as in training), the reference through the
+    # precompute path (inference mode, length-sorted batches). Anything else, such as the naive
+    # forward and TRL, runs as transformers' SDPA under split attention too.
+    refused = {use_split_attention(lm) for lm in (policy, reference)}
+    _say(f"ours: {'split attention' if refused == {None} else f'dense mask ({refused})'}")
     policy.train().requires_grad_(True)
     scorer = CompletionLogProbs(policy, chunk_size=64)
     n = len(pairs)
