@@ -12,6 +12,7 @@ from avgalign.train import (
     Trainer,
     _accelerator,
     activation_checkpointing,
+    budget_batches,
     micro_batches,
     packed_tokens,
     train,
@@ -121,3 +122,15 @@ def test_checkpointed_run_under_a_tight_budget_matches_the_plain_run(
     for a, b in zip(runs["auto"], runs["off"], strict=True):
         for key in ("loss", "grad_norm", "logp_sum_chosen"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_reference_batches_cap_their_padding():
+    """The reference pass: one long pair must not pad several short ones to its length."""
+    pairs = [pair(1, n, n) for n in (50, 48, 10, 9, 8, 2)]  # 101, 97, 21, 19, 17 and 5 tokens
+    order = list(range(6))
+    assert budget_batches(order, pairs, "shared_prompt", 8, 0) == [order]  # as before: runs of 8
+    # [101, 97]: 2% padding; + 21 would be 28%; [21, 19, 17]: 9.5%; + 5 would be 26%
+    assert budget_batches(order, pairs, "shared_prompt", 8, 0, max_padding=0.1) == [
+        [0, 1], [2, 3, 4], [5]]
+    assert budget_batches(order, pairs, "shared_prompt", 2, 0, max_padding=0.1) == [
+        [0, 1], [2, 3], [4], [5]]

@@ -73,9 +73,11 @@ from .models import (
 )
 from .reference import (
     ReferenceLogps,
+    budget_batches,
     cached_reference_logps,
     compute_reference_logps,
     pack,
+    packed_tokens,
     pair_length,
     reference_fingerprint,
 )
@@ -137,18 +139,6 @@ def batch_order(
     return batches
 
 
-def packed_tokens(pairs: list[TokenizedPair], layout: str) -> int:
-    """Tokens of the packed batch of `pairs` (rows x padded length), what a forward pass holds:
-    one row per pair in the shared-prompt layout, two in concat."""
-    if not pairs:
-        return 0
-    if layout == "shared_prompt":
-        return len(pairs) * max(pair_length(p) for p in pairs)
-    prompt = [len(p.prompt_ids) for p in pairs]
-    longest = max(n + max(len(p.chosen_ids), len(p.rejected_ids)) for n, p in zip(prompt, pairs))
-    return 2 * len(pairs) * longest
-
-
 def activation_checkpointing(
     setting: bool | str, pairs: list[TokenizedPair], layout: str, max_tokens: int
 ) -> tuple[bool, str | None]:
@@ -181,22 +171,7 @@ def micro_batches(
     number of micro-batches (a sharded model's forward pass is collective): shorter plans have
     their biggest micro-batch halved until they match. Pure: each process computes all plans
     and takes its own, with no communication."""
-    plans = []
-    for share in shares:
-        if not max_tokens:
-            plans.append([share[i : i + max_pairs] for i in range(0, len(share), max_pairs)])
-            continue
-        ordered = sorted(share, key=lambda i: -pair_length(pairs[i]))
-        plan: list[list[int]] = []
-        for i in ordered:
-            grown = plan[-1] + [i] if plan else None
-            if grown and len(grown) <= max_pairs and (
-                packed_tokens([pairs[j] for j in grown], layout) <= max_tokens
-            ):
-                plan[-1] = grown
-            else:
-                plan.append([i])
-        plans.append(plan)
+    plans = [budget_batches(share, pairs, layout, max_pairs, max_tokens) for share in shares]
     target = max(len(p) for p in plans)
     for plan in plans:
         while len(plan) < target:
@@ -657,6 +632,7 @@ class Trainer:
                     progress=tc.progress and self.main,
                     rank=self.rank,
                     world=self.world,
+                    max_tokens=tc.max_tokens_per_micro_batch,
                 )
 
         precision = f"{self.cfg.model.dtype}|autocast={self.mixed_precision}"
