@@ -34,6 +34,12 @@ block table), not L^2, and on CUDA the attention is a fused kernel that skips em
 as the rejected completion's queries against the chosen completion's keys. PyTorch's flex
 attention has no backward pass on CPU: it is a CUDA (training) or CPU inference path.
 
+Split attention. Under `attention.SPLIT_ATTENTION` (see `use_split_attention`) a shared-prompt
+batch goes to the model with no mask at all: the layout (`attention.SplitLayout`) rides along as
+a keyword argument, and each completion's attention is a causal SDPA pass over its own
+[prompt | completion], which is what the mask expresses, computed without the masked products.
+A batch whose sliding window hides part of a sequence gets the dense mask instead.
+
 Memory: logits are computed only at the positions that predict a completion token, in chunks of
 at most `chunk_size` positions, so no [batch, length, vocab] tensor is ever built. Under autograd
 every chunk but the last is checkpointed (its logits are freed and recomputed in the backward
