@@ -32,7 +32,7 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, synthetic_file
             "0.5",
             "--max-steps",
             "2",
-            "--output-dir",
+            "--out",
             str(out),
             "--set",
             "train.learning_rate=1e-3",
@@ -120,3 +120,36 @@ def test_smollm2_on_hh_trains_and_saves(tmp_path):
     assert summary["train_pairs"] == 8 and summary["eval_pairs"] == 2
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.model_type == "llama"
+
+
+def test_help_and_version_import_no_torch():
+    """`avgalign --help` lists every subcommand without importing torch (issue 12: well under a
+    second); the subcommand that runs gets its whole parser."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from avgalign.cli import build_parser\n"
+        "parser = build_parser(['--help'])\n"
+        "print(sorted(parser._subparsers._group_actions[0].choices))\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    names, heavy = out.stdout.splitlines()
+    commands = ["train", "data-stats", "evaluate", "reward-model", "study", "demo"]
+    assert names == str(sorted(commands))
+    assert heavy == "False False"
+    version = subprocess.run([sys.executable, "-m", "avgalign", "--version"], capture_output=True,
+                             text=True, check=True)
+    assert version.stdout.strip().startswith("avgalign 0.")
+
+
+def test_the_running_subcommand_gets_its_whole_parser():
+    from avgalign.cli import build_parser
+
+    argv = ["reward-model", "--model", "m", "--data", "d", "--out", "o"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.model == "m" and callable(args.func)
+    with pytest.raises(SystemExit):  # its required options are there
+        build_parser(["evaluate"]).parse_args(["evaluate"])

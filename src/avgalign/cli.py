@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError
 
 TRAIN_HELP = """\
@@ -74,13 +76,16 @@ def _data_stats(args: argparse.Namespace) -> None:
     print(format_length_stats(length_stats(pairs)))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser for `argv` (default: sys.argv[1:]). Only the subcommand named in argv
+    gets its full parser, so that `avgalign --help` and light commands import no torch."""
     parser = argparse.ArgumentParser(
         prog="avgalign",
         description="Length-invariant direct alignment: DPO-family losses with summed or averaged "
         "log-likelihoods, and the study of generation length against score.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"avgalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -111,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shortcut for data.train: file (.jsonl/.json/.gz/.parquet) or "
         "hub id (e.g. Anthropic/hh-rlhf:harmless-base)",
     )
-    p.add_argument("--output-dir", help="shortcut for train.output_dir")
+    p.add_argument(
+        "--out",
+        "--output-dir",
+        dest="output_dir",
+        help="output folder, shortcut for train.output_dir (the name every subcommand uses; "
+        "--output-dir, its old name, still works)",
+    )
     p.add_argument("--max-steps", type=int, help="shortcut for train.max_steps")
     p.add_argument(
         "--resume",
@@ -150,25 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-notes", type=int, default=10, help="skipped/warning lines to show")
     p.set_defaults(func=_data_stats)
 
-    from .evaluation import add_evaluate_parser
-    from .reward_model import add_reward_model_parser
-
-    add_evaluate_parser(sub)
-    add_reward_model_parser(sub)
-    from .recipes.hh import add_study_parser
-
-    add_study_parser(sub)
-    try:
-        from .toy.demo import add_demo_parser
-    except ImportError:  # the toy world is optional at import time
-        pass
-    else:
-        add_demo_parser(sub)
+    command = next((a for a in (sys.argv[1:] if argv is None else argv)
+                    if not a.startswith("-")), None)
+    for name, (module, function, summary) in HEAVY_COMMANDS.items():
+        if name == command:  # the command that runs: its whole parser, and its imports
+            getattr(importlib.import_module(module, __package__), function)(sub)
+        else:  # listed in `avgalign --help` without importing torch and friends
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
+# subcommands whose modules import torch, transformers and accelerate: name -> (module, the
+# function that registers the subcommand's parser, the line `avgalign --help` shows)
+HEAVY_COMMANDS = {
+    "evaluate": (".evaluation", "add_evaluate_parser",
+                 "sample from a policy (and a reference), score, win rates, KL, length statistics"),
+    "reward-model": (".reward_model", "add_reward_model_parser",
+                     "train a Bradley-Terry reward model on preference pairs"),
+    "study": (".recipes.hh", "add_study_parser",
+              "the length/score study on a real model and HH-RLHF (gold RM, sweep, report)"),
+    "demo": (".toy.demo", "add_demo_parser", "the length/score study end to end in a toy world "
+             "with a known oracle (CPU, minutes)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -15,8 +15,6 @@ from typing import Any
 
 import yaml
 
-from .losses import AGGREGATIONS, LOSSES
-
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
@@ -246,6 +244,8 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check impossible values; returns cfg for chaining."""
+    from .losses import AGGREGATIONS, LOSSES  # torch: imported where a config is validated
+
     loss, train, data = cfg.loss, cfg.train, cfg.data
     _require(loss.name in LOSSES, f"loss.name: unknown loss {loss.name!r}; one of {sorted(LOSSES)}")
     _require(
