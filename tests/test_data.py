@@ -195,6 +195,26 @@ def test_file_types(tmp_path, name, write, first_location):
     assert report.examples[0].location == first_location.format(path=path)
 
 
+@pytest.mark.parametrize("name, delimiter", [("x.csv", ","), ("x.tsv", "\t")])
+def test_csv_and_tsv_cells_are_read_as_written(tmp_path, name, delimiter):
+    """Through `datasets`: quoted delimiters and newlines, numbers kept as text, and an empty
+    cell is an empty completion that names its row."""
+    import csv
+
+    path = tmp_path / name
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow(["What is 6 x 7?", "42", "41, or\n43"])
+        writer.writerow(["Say it", "ok", ""])
+    report = load_preferences(str(path), on_error="skip")
+    (example,) = report.examples
+    assert (example.prompt, example.chosen, example.rejected) == ("What is 6 x 7?", "42",
+                                                                  "41, or\n43")
+    assert example.location == f"{path}[row 1]"
+    assert report.skipped == [(f"{path}[row 2]", "field 'rejected' is an empty completion")]
+
+
 def test_limit_stops_after_enough_examples(tmp_path):
     path = write_lines(tmp_path / "x.jsonl", [GOOD, GOOD2, GOOD])
     report = load_preferences(str(path), limit=2)

@@ -113,7 +113,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="shortcut for model.name: folder, hub id or smollm2-135m")
     p.add_argument(
         "--data",
-        help="shortcut for data.train: file (.jsonl/.json/.gz/.parquet) or "
+        help="shortcut for data.train: file (.jsonl/.json/.gz/.parquet/.csv/.tsv) or "
         "hub id (e.g. Anthropic/hh-rlhf:harmless-base)",
     )
     p.add_argument(
@@ -143,7 +143,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="load, validate and tokenise a preference dataset; "
         "print token lengths and its length bias (how often chosen is longer)",
     )
-    p.add_argument("source", help="file (.jsonl/.json/.gz/.parquet) or hub id")
+    p.add_argument("source", help="file (.jsonl/.json/.gz/.parquet/.csv/.tsv) or hub id")
     p.add_argument(
         "--model",
         default="smollm2-135m",

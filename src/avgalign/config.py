@@ -43,7 +43,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = (
-        ""  # local .jsonl/.json(.gz)/.parquet file or hub id ("Anthropic/hh-rlhf:harmless-base")
+        ""  # local .jsonl/.json(.gz)/.parquet/.csv/.tsv file or hub id ("Anthropic/hh-rlhf:...")
     )
     eval: str | None = None  # held-out file; if None, `eval_fraction` of train is held out
     split: str = "train"  # split name for hub datasets

@@ -42,7 +42,8 @@ from typing import Any
 ON_ERROR = ("error", "skip")
 ASSISTANT_MARKER = "\n\nAssistant:"
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-_SUFFIXES = (*_JSON_SUFFIXES, ".parquet")
+_TABLE_SUFFIXES = (".csv", ".tsv")
+_SUFFIXES = (*_JSON_SUFFIXES, ".parquet", *_TABLE_SUFFIXES)
 _FIELDS = ("prompt", "chosen", "rejected")
 RENDERINGS = ("raw", "chat_template")  # how a PreferenceExample's prompt text was made
 PROMPT_RENDERING_FILE = "prompt_rendering.json"
@@ -143,8 +144,9 @@ def load_preferences(
 ) -> LoadReport:
     """Read preference pairs from a local file or a Hugging Face Hub dataset.
 
-    `source` is a local .json (a list of records, or JSON lines), .jsonl, .json.gz, .jsonl.gz or
-    .parquet file, or else a Hub dataset id, optionally with a data folder as "id:data_dir"
+    `source` is a local .json (a list of records, or JSON lines), .jsonl, .json.gz, .jsonl.gz,
+    .parquet, .csv or .tsv file (a header row naming the fields; read by `datasets`, every cell
+    as text), or else a Hub dataset id, optionally with a data folder as "id:data_dir"
     (e.g. "Anthropic/hh-rlhf:harmless-base"), loaded with `datasets.load_dataset` at `split`.
     A missing path that looks like a path is an error, not a Hub id to try. Blank JSON lines are
     not records. `tokenizer` (with a chat template) is needed only for conversational records.
@@ -183,6 +185,24 @@ def _iter_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
             yield from ((f"{source}[{i}]", row) for i, row in enumerate(rows))
         elif name.endswith(_JSON_SUFFIXES):
             yield from _iter_json(path, source)
+        elif name.endswith(_TABLE_SUFFIXES):
+            import csv
+
+            import datasets
+
+            delimiter = "\t" if name.endswith(".tsv") else ","
+            with path.open(newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle, delimiter=delimiter), [])
+            # every cell as text, as written: no number parsing, an empty cell stays ""
+            rows = datasets.load_dataset(
+                "csv",
+                data_files=str(path),
+                split="train",
+                delimiter=delimiter,
+                features=datasets.Features({c: datasets.Value("string") for c in header}),
+                keep_default_na=False,
+            )
+            yield from ((f"{source}[row {i + 1}]", row) for i, row in enumerate(rows))
         else:
             raise DataError(source, f"unknown file type; expected one of {', '.join(_SUFFIXES)}")
     elif _looks_like_path(source):
