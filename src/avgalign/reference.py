@@ -48,8 +48,9 @@ def pack(pairs: list[TokenizedPair], pad_id: int, layout: str):
 
 
 # the reference pass's batches: at most this fraction of padding. With few pairs, length-sorted
-# batches of 8 pad short pairs to a long one's length: 16 HH pairs took 6.6-7.0 s in batches of 8
-# and 5.2 s with a cap; 16 long pairs (LLaMA-Factory demo) 36.6-42.0 s and 22.5-24.4 s
+# batches of 8 pad short pairs to a long one's length: `benchmarks/bench_step_parts.py --parts
+# reference` measured 0.83x the time of batches of 8 with this cap on 16 HH pairs, 0.70x on 16
+# long pairs (docs/benchmarks.md)
 REFERENCE_MAX_PADDING = 0.1
 
 
@@ -80,11 +81,12 @@ def budget_batches(
     budget or a padding cap: runs of max_pairs, in order."""
     if not max_tokens and max_padding >= 1.0:
         return [indices[i : i + max_pairs] for i in range(0, len(indices), max_pairs)]
+    alone = {i: packed_tokens([pairs[i]], layout) for i in indices}  # each pair's own tokens
     batches: list[list[int]] = []
     for i in sorted(indices, key=lambda i: -pair_length(pairs[i])):
         grown = batches[-1] + [i] if batches else []
         packed = packed_tokens([pairs[j] for j in grown], layout)
-        real = sum(packed_tokens([pairs[j]], layout) for j in grown)
+        real = sum(alone[j] for j in grown)
         if (
             grown
             and len(grown) <= max_pairs

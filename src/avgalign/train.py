@@ -308,7 +308,7 @@ def attention_plan(
 def adamw(params: list, lr: float, weight_decay: float, device: torch.device):
     """AdamW, with torch's fused kernel where it has one for the device (CPU, CUDA): one pass over
     the parameters per step instead of a dozen foreach passes. Over SmolLM2-135M on this 2-core
-    CPU, clipping + step take ~0.2 s instead of ~0.8 s (see docs/benchmarks.md)."""
+    CPU, clipping + step took 0.16 s instead of 0.40 s (`benchmarks/bench_step_parts.py`)."""
     fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
