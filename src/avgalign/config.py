@@ -59,13 +59,150 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "dpo"  # dpo | ipo | slic | simpo | rdpo
+    """The loss and its hyper-parameters.
+
+    The field defaults are what a config built in code gets, whatever the loss (a sweep that sets
+    name, aggregation and beta keeps the rest as they are). A config read by `load_config` (YAML
+    and `section.key=value` overrides) instead starts every key the user did not give from the
+    loss's published setting (LOSS_DEFAULTS), and takes TRL's loss_type names in `name`
+    (TRL_ALIASES): see `resolve_loss`.
+    """
+
+    name: str = "dpo"  # dpo | ipo | slic | simpo | rdpo; or TRL's sigmoid | sigmoid_norm | hinge
     aggregation: str = "sum"  # sum | mean | power: divide sequence log-likelihoods by |y|^alpha
     alpha: float = 1.0  # exponent for aggregation "power" (0 = sum, 1 = mean)
     beta: float = 0.1
     label_smoothing: float = 0.0  # DPO only (conservative DPO)
-    simpo_gamma: float = 0.5  # SimPO only
+    simpo_gamma: float = 0.5  # SimPO only: target margin, in the units of beta * agg log pi
     length_penalty: float = 0.01  # R-DPO only
+
+    # Not a config key (a class attribute: never read from YAML nor saved): what resolve_loss
+    # filled in, for the line a run logs at start
+    defaults_applied: typing.ClassVar[AppliedDefaults | None] = None
+
+    def defaults_line(self) -> str | None:
+        """'loss simpo: defaults for the keys not set in the config: aggregation=mean, ...', for
+        the keys that `resolve_loss` filled in and that still hold its value (code may change a
+        loaded config); None when it filled in none, or the config was not loaded from YAML."""
+        applied = self.defaults_applied
+        if applied is None or applied.name != self.name:
+            return None
+        kept = [f"{k}={v}" for k, v in applied.values.items() if getattr(self, k) == v]
+        alias = f" (TRL loss_type {applied.alias})" if applied.alias else ""
+        if not kept:
+            return f"loss {self.name}{alias}: every key set in the config" if alias else None
+        return (
+            f"loss {self.name}{alias}: defaults for the keys not set in the config: "
+            f"{', '.join(kept)} ({applied.source})"
+        )
+
+
+@dataclass(frozen=True)
+class PublishedDefaults:
+    """A loss's setting as published, for the keys a config leaves out."""
+
+    aggregation: str
+    beta: float  # for `aggregation`; with another aggregation, beta is LossConfig's default
+    source: str  # said in the log line
+    gamma_beta_ratio: float | None = None  # SimPO: simpo_gamma = ratio * beta
+
+
+LOSS_DEFAULTS: dict[str, PublishedDefaults] = {
+    "dpo": PublishedDefaults("sum", 0.1, "DPO as published, TRL's sigmoid"),
+    # the authors meant averaged log-likelihoods; TRL's ipo averages, with beta 0.1 (its default)
+    "ipo": PublishedDefaults("mean", 0.1, "IPO as its authors and TRL define it"),
+    "slic": PublishedDefaults("sum", 0.1, "SLiC-HF's summed hinge, TRL's hinge"),
+    # SimPO (Meng et al. 2024) and its reference code: beta 2.0 (2.0 to 10 in practice) and
+    # gamma / beta 0.5 as the starting point; our simpo_gamma is gamma itself, not the ratio
+    "simpo": PublishedDefaults(
+        "mean", 2.0, "SimPO as published: gamma = 0.5 beta", gamma_beta_ratio=0.5
+    ),
+    "rdpo": PublishedDefaults("sum", 0.1, "R-DPO: DPO's setting"),
+}
+
+# TRL DPOConfig.loss_type names that denote one of our losses: name -> (loss, aggregation).
+# TRL's `ipo` is our `ipo`, whose default aggregation is mean (LOSS_DEFAULTS).
+TRL_ALIASES: dict[str, tuple[str, str]] = {
+    "sigmoid": ("dpo", "sum"),
+    "sigmoid_norm": ("dpo", "mean"),
+    "hinge": ("slic", "sum"),
+}
+
+
+@dataclass(frozen=True)
+class AppliedDefaults:
+    """What resolve_loss filled in: for loss `name` (given as TRL's `alias`), key -> value."""
+
+    name: str
+    alias: str | None
+    values: dict[str, Any]
+    source: str
+
+
+def loss_keys_given(values: dict[str, Any]) -> set[str]:
+    """The keys of the loss section a raw config mapping sets (YAML and overrides merged)."""
+    loss = values.get("loss")
+    if not isinstance(loss, dict):
+        return set()  # no loss section; a malformed one is reported by from_mapping
+    if "loss_type" in loss:
+        raise ConfigError(
+            "unknown key loss.loss_type: TRL's loss_type is loss.name here, which also takes "
+            f"TRL's {', '.join(TRL_ALIASES)} and ipo (see the README, 'Porting a TRL DPOConfig')"
+        )
+    return set(loss)
+
+
+def resolve_loss(loss: LossConfig, given: set[str]) -> LossConfig:
+    """`loss` with TRL's alias in `name` replaced by ours, and every key of aggregation, beta and
+    simpo_gamma not in `given` (the keys the user set) taken from the loss's published setting.
+
+    - an alias fixes the aggregation (sigmoid: sum, sigmoid_norm: mean, hinge: sum); an explicit
+      loss.aggregation that differs is an error naming both keys;
+    - else aggregation defaults to the published one (SimPO and IPO: mean; others: sum);
+    - beta defaults to the published beta when the aggregation is the published one, else to
+      LossConfig's 0.1: a published beta belongs to its aggregation (SimPO's 2.0 on summed
+      log-likelihoods would be a far stronger setting than SimPO's);
+    - simpo_gamma (SimPO) defaults to gamma_beta_ratio * beta under the same condition, with the
+      beta given or defaulted.
+
+    Applied where YAML and overrides are read (`load_config`), because only there is "not set"
+    known: a config built in code (a sweep setting name, aggregation and beta) is never changed.
+    An unknown name is returned unchanged for `validate` to report.
+    """
+    alias = loss.name if loss.name in TRL_ALIASES else None
+    name, alias_aggregation = TRL_ALIASES.get(loss.name, (loss.name, None))
+    published = LOSS_DEFAULTS.get(name)
+    if published is None:
+        return loss
+    if alias_aggregation and "aggregation" in given and loss.aggregation != alias_aggregation:
+        raise ConfigError(
+            f"loss.name {alias!r} (TRL's loss_type: {name} with aggregation {alias_aggregation}) "
+            f"conflicts with loss.aggregation {loss.aggregation!r}; for {name} with aggregation "
+            f"{loss.aggregation}, set loss.name: {name}"
+        )
+    base = LossConfig()
+    values: dict[str, Any] = {}
+    if "aggregation" not in given:
+        values["aggregation"] = alias_aggregation or published.aggregation
+    aggregation = values.get("aggregation", loss.aggregation)
+    as_published = aggregation == published.aggregation
+    if "beta" not in given:
+        values["beta"] = published.beta if as_published else base.beta
+    if published.gamma_beta_ratio is not None and "simpo_gamma" not in given:
+        beta = values.get("beta", loss.beta)
+        values["simpo_gamma"] = (
+            published.gamma_beta_ratio * beta if as_published else base.simpo_gamma
+        )
+    source = published.source
+    defaulted = [key for key in values if key != "aggregation"]
+    if defaulted and not as_published:
+        source = (
+            f"{', '.join(defaulted)}: the general defaults, as {name}'s published values are "
+            f"for aggregation {published.aggregation}"
+        )
+    resolved = dataclasses.replace(loss, name=name, **values)
+    resolved.defaults_applied = AppliedDefaults(name, alias, values, source)
+    return resolved
 
 
 @dataclass
@@ -247,7 +384,18 @@ def validate(cfg: Config) -> Config:
     from .losses import AGGREGATIONS, LOSSES  # torch: imported where a config is validated
 
     loss, train, data = cfg.loss, cfg.train, cfg.data
-    _require(loss.name in LOSSES, f"loss.name: unknown loss {loss.name!r}; one of {sorted(LOSSES)}")
+    if loss.name in TRL_ALIASES:  # load_config resolves them; code sets our names
+        name, aggregation = TRL_ALIASES[loss.name]
+        raise ConfigError(
+            f"loss.name: {loss.name!r} is TRL's loss_type, resolved only by load_config (the "
+            f"train command's YAML and --set); here set loss.name={name!r}, "
+            f"loss.aggregation={aggregation!r}"
+        )
+    _require(
+        loss.name in LOSSES,
+        f"loss.name: unknown loss {loss.name!r}; accepted: {', '.join(sorted(LOSSES))}, and "
+        f"TRL's loss_type {', '.join(TRL_ALIASES)} (TRL's other loss types are not implemented)",
+    )
     _require(
         loss.aggregation in AGGREGATIONS,
         f"loss.aggregation: {loss.aggregation!r} is not one of {AGGREGATIONS}",
@@ -333,7 +481,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Config from a YAML file (optional) with `section.key=value` overrides applied on top."""
+    """Config from a YAML file (optional) with `section.key=value` overrides applied on top; the
+    loss keys set by neither start from the loss's published setting (`resolve_loss`)."""
     values = read_yaml(path) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
@@ -343,4 +492,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return validate(from_mapping(Config, values))
+    given = loss_keys_given(values)  # only here is "not set by the user" known
+    cfg = from_mapping(Config, values)
+    cfg.loss = resolve_loss(cfg.loss, given)
+    return validate(cfg)

@@ -502,6 +502,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             config_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
             (self.out / "config.yaml").write_text(config_text)
+            if note := self.lc.defaults_line():  # loss keys the config left to the loss's defaults
+                print(note)
         return resume_from
 
     def load_data(self, tokenizer, train_pairs, eval_pairs) -> None:
