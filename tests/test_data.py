@@ -6,10 +6,12 @@ is n tokens (plus a BOS in front when special tokens are added).
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
 
+from avgalign.config import ConfigError, DataConfig, SourceConfig, load_config
 from avgalign.data import (
     DataError,
     PreferenceExample,
@@ -17,18 +19,17 @@ from avgalign.data import (
     _looks_like_path,
     format_length_stats,
     length_stats,
+    load_data,
+    load_mixture,
     load_preferences,
+    mixture_counts,
     split_implicit_prompt,
     tokenize_pairs,
 )
 
-HH_FILE = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "hh-rlhf-harmless-base"
-    / "test.jsonl.gz"
-)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_FILE = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+LLAMAFACTORY_DEMO = SHARED_DATA / "llamafactory-dpo-en-demo" / "dpo_en_demo.json.gz"
 BOS, EOS = 1, 2
 WORDS = [f"w{i}" for i in range(40)]  # "w<i>" has id i + 3
 CHAT_TEMPLATE = (
@@ -163,6 +164,234 @@ def test_conversational_completion_must_start_with_assistant(tmp_path, tokenizer
         load_preferences(str(path), tokenizer=tokenizer)
 
 
+def test_llamafactory_sharegpt_ranking_record(tmp_path, tokenizer):
+    record = {
+        "conversations": [
+            {"from": "system", "value": "be kind"},
+            {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "ok"},
+            {"from": "human", "value": "more"},
+        ],
+        "chosen": {"from": "gpt", "value": "yes"},
+        "rejected": {"from": "gpt", "value": "no"},
+    }
+    path = write_lines(tmp_path / "x.jsonl", [record])
+    (example,) = load_preferences(str(path), tokenizer=tokenizer).examples
+    assert (example.prompt, example.chosen, example.rejected) == (
+        "<system> be kind <user> hi <assistant> ok <user> more <assistant> ",
+        "yes ",
+        "no ",
+    )
+    assert example.rendering == "chat_template"
+
+
+def test_llamafactory_openai_style_ranking_record_with_a_system_column(tmp_path, tokenizer):
+    record = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "chosen": {"role": "assistant", "content": "yes"},
+        "rejected": {"role": "assistant", "content": "no"},
+        "system": "be kind",
+    }
+    path = write_lines(tmp_path / "x.jsonl", [record])
+    (example,) = load_preferences(str(path), tokenizer=tokenizer).examples
+    assert (example.prompt, example.chosen, example.rejected) == (
+        "<system> be kind <user> hi <assistant> ",
+        "yes ",
+        "no ",
+    )
+
+
+def test_llamafactory_alpaca_ranking_records(tmp_path, tokenizer):
+    records = [
+        {
+            "instruction": "add",
+            "input": "w1 w2",
+            "system": "be kind",
+            "history": [["hi", "ok"]],
+            "chosen": "yes",
+            "rejected": "no",
+        },
+        {"instruction": "add", "input": "", "chosen": "yes", "rejected": "no"},
+    ]
+    path = write_lines(tmp_path / "x.jsonl", records)
+    first, second = load_preferences(str(path), tokenizer=tokenizer).examples
+    assert (first.prompt, first.chosen, first.rejected) == (
+        "<system> be kind <user> hi <assistant> ok <user> add\nw1 w2 <assistant> ",
+        "yes ",
+        "no ",
+    )
+    assert second.prompt == "<user> add <assistant> "  # an empty input adds no line
+    assert first.rendering == second.rendering == "chat_template"
+
+
+SHAREGPT_TURNS = [{"from": "human", "value": "q"}]
+SHAREGPT = {
+    "conversations": SHAREGPT_TURNS,
+    "chosen": {"from": "gpt", "value": "y"},
+    "rejected": {"from": "gpt", "value": "n"},
+}
+ALPACA = {"instruction": "q", "chosen": "y", "rejected": "n"}
+BAD_LLAMAFACTORY_RECORDS = [
+    (
+        {"chosen": SHAREGPT["chosen"], "rejected": SHAREGPT["rejected"]},
+        "field 'conversations' is missing",
+    ),
+    (SHAREGPT | {"conversations": []}, "field 'conversations' must be a non-empty list"),
+    (
+        SHAREGPT | {"conversations": [*SHAREGPT_TURNS, {"from": "observation", "value": "x"}]},
+        "field 'conversations', message 1: role 'observation' is not supported",
+    ),
+    (
+        SHAREGPT | {"conversations": [*SHAREGPT_TURNS, {"from": "gpt", "value": "x"}]},
+        "field 'conversations' must end with a user message, got assistant",
+    ),
+    (
+        SHAREGPT | {"conversations": [{"from": "human"}]},
+        "field 'conversations', message 0 must be a message object",
+    ),
+    (
+        SHAREGPT | {"conversations": [{"from": "human", "value": 3}]},
+        "field 'conversations', message 0: 'value' must be a string, got int",
+    ),
+    (SHAREGPT | {"chosen": "y"}, "field 'chosen' must be a message object"),
+    (
+        SHAREGPT | {"rejected": {"from": "gpt", "value": " "}},
+        "field 'rejected' is an empty completion",
+    ),
+    (
+        SHAREGPT | {"chosen": {"from": "human", "value": "y"}},
+        "field 'chosen' must start with an assistant message",
+    ),
+    (SHAREGPT | {"system": 1}, "field 'system' must be a string, got int"),
+    (SHAREGPT | {"tools": "[{...}]"}, "field 'tools': tool descriptions are not supported"),
+    (ALPACA | {"chosen": {"from": "gpt", "value": "y"}}, "field 'conversations' is missing"),
+    (ALPACA | {"rejected": ["n"]}, "field 'rejected' must be a string, got list"),
+    (ALPACA | {"rejected": ""}, "field 'rejected' is an empty completion"),
+    (ALPACA | {"input": 2}, "field 'input' must be a string, got int"),
+    (ALPACA | {"history": [["hi"]]}, "field 'history', turn 0 must be a [user, assistant] pair"),
+    (ALPACA | {"history": "hi"}, "field 'history' must be a list, got str"),
+]
+
+
+@pytest.mark.parametrize(("record", "reason"), BAD_LLAMAFACTORY_RECORDS)
+def test_bad_llamafactory_record_names_line_and_field(tmp_path, tokenizer, record, reason):
+    path = write_lines(tmp_path / "x.jsonl", [SHAREGPT, record])
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(path), tokenizer=tokenizer)
+    assert str(caught.value).startswith(f"{path}:2: ")
+    assert reason in str(caught.value)
+
+
+@pytest.mark.skipif(not LLAMAFACTORY_DEMO.exists(), reason="shared LLaMA-Factory demo not present")
+def test_llamafactory_dpo_demo_file(tokenizer):
+    """LLaMA-Factory's own demo file: 300 sharegpt ranking records, 80 with a system message."""
+    report = load_preferences(str(LLAMAFACTORY_DEMO), tokenizer=tokenizer)
+    assert report.records == 300 and len(report.examples) == 300 and not report.skipped
+    assert {e.rendering for e in report.examples} == {"chat_template"}
+    assert sum(e.prompt.startswith("<system> ") for e in report.examples) == 80
+    first = report.examples[0]
+    assert first.location == f"{LLAMAFACTORY_DEMO}[0]"
+    assert first.prompt.startswith("<user> Hi! I'd like to create a new language game")
+    assert first.prompt.endswith("<assistant> ")
+    assert first.chosen.startswith("That sounds like a fun and engaging idea!")
+
+
+# --------------------------------------------------------------------------------- system prompt
+
+
+def test_system_prompt_goes_first_in_conversations_without_one(tmp_path, tokenizer):
+    user = {"role": "user", "content": "hi"}
+    records = [
+        {  # conversational, implicit prompt
+            "chosen": [user, {"role": "assistant", "content": "yes"}],
+            "rejected": [user, {"role": "assistant", "content": "no"}],
+        },
+        SHAREGPT | {"system": "own"},  # has its own system message: kept
+        ALPACA,
+        GOOD,  # raw text: kept as it is
+    ]
+    path = write_lines(tmp_path / "x.jsonl", records)
+    report = load_preferences(str(path), tokenizer=tokenizer, system_prompt="be brief")
+    assert [e.prompt for e in report.examples] == [
+        "<system> be brief <user> hi <assistant> ",
+        "<system> own <user> q <assistant> ",
+        "<system> be brief <user> q <assistant> ",
+        "p1",
+    ]
+    without = load_preferences(str(path), tokenizer=tokenizer).examples[0]
+    assert without.prompt == "<user> hi <assistant> "
+
+
+# ------------------------------------------------------------------------------------ column map
+
+COLUMNS = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+MAPPED_ROW = {"question": "q", "response_j": "c", "response_k": "r"}
+
+
+def test_column_map_renames_columns_before_format_detection(tmp_path, tokenizer):
+    rows = [
+        {"qid": 7, "question": "q", "response_j": "good", "response_k": "bad"},
+        {"qid": 8, "question": "q2", "response_j": "good2", "response_k": "bad2"},
+    ]
+    path = write_lines(tmp_path / "x.jsonl", rows)
+    with pytest.raises(DataError, match=f"^{path}:1: field 'chosen' is missing$"):
+        load_preferences(str(path))
+    report = load_preferences(str(path), columns=COLUMNS)
+    assert report.examples == [
+        PreferenceExample("q", "good", "bad", f"{path}:1"),
+        PreferenceExample("q2", "good2", "bad2", f"{path}:2"),
+    ]
+    # a column renamed to an alpaca field: the record is then read as alpaca
+    (alpaca,) = load_preferences(
+        str(path), tokenizer=tokenizer, limit=1, columns={**COLUMNS, "instruction": "question"}
+    ).examples
+    assert alpaca.prompt == "<user> q <assistant> " and alpaca.rendering == "chat_template"
+
+
+def test_column_map_on_a_csv_file(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("question,response_j,response_k\nq,good,bad\n")
+    (example,) = load_preferences(str(path), columns=COLUMNS).examples
+    assert (example.prompt, example.chosen, example.rejected) == ("q", "good", "bad")
+    assert example.location == f"{path}[row 1]"
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (
+            {"question": "q", "response_j": "good"},
+            "field 'response_k' is missing (the column map reads 'rejected' from it)",
+        ),
+        (
+            {"question": "q", "response_j": "good", "response_k": 3},
+            "field 'response_k' (rejected) must be a string, got int",
+        ),
+        (
+            {"question": "q", "response_j": " ", "response_k": "bad"},
+            "field 'response_j' (chosen) is an empty completion",
+        ),
+        (
+            {"question": None, "response_j": "a", "response_k": "b"},
+            "fields 'response_j' (chosen) and 'response_k' (rejected) share no prefix",
+        ),
+    ],
+)
+def test_column_map_errors_name_line_and_the_records_column(tmp_path, row, reason):
+    good = {"question": "q", "response_j": "good", "response_k": "bad"}
+    path = write_lines(tmp_path / "x.jsonl", [good, row])
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(path), columns=COLUMNS)
+    assert str(caught.value).startswith(f"{path}:2: ")
+    assert reason in str(caught.value)
+
+
+def test_column_map_with_an_unknown_field_names_the_file_and_field(tmp_path):
+    path = write_lines(tmp_path / "x.jsonl", [GOOD])
+    with pytest.raises(DataError, match=f"^{path}: column map: unknown field 'promt' "):
+        load_preferences(str(path), columns={"promt": "question"})
+
+
 # ------------------------------------------------------------------------------------- sources
 
 
@@ -273,6 +502,132 @@ def test_identical_chosen_and_rejected_is_kept_with_a_warning(tmp_path):
     assert report.warnings == [f"{path}:1: chosen and rejected are identical"]
 
 
+# ---------------------------------------------------------------------------------------- mixing
+
+
+def test_mixture_counts_by_hand():
+    sources = [
+        SourceConfig("a", weight=3),
+        SourceConfig("b", weight=1),
+        SourceConfig("c", count=5),
+        SourceConfig("d"),
+    ]
+    # weighted shares 3/4 and 1/4: "b" runs out first, T = 100 / (1/4) = 400 pairs
+    assert mixture_counts(sources, [600, 100, 50, 7]) == [300, 100, 5, 7]
+    # "a" runs out first: T = 30 / (3/4) = 40
+    assert mixture_counts(sources, [30, 100, 5, 0]) == [30, 10, 5, 0]
+    # exact arithmetic: shares 1/8 and 7/8 of T = 8 give 1 and 7 (in floats, 7/8 * 8 is 6.99...)
+    assert mixture_counts(
+        [SourceConfig("a", weight=0.1), SourceConfig("b", weight=0.7)], [1, 7]
+    ) == [1, 7]
+
+
+def test_a_count_larger_than_its_source_is_an_error_naming_it():
+    with pytest.raises(DataError, match="^b.jsonl: count 5 is more than its 3 usable pairs$"):
+        mixture_counts([SourceConfig("a.jsonl"), SourceConfig("b.jsonl", count=5)], [10, 3])
+
+
+def _numbered(path: Path, n: int, tag: str) -> str:
+    records = [{"prompt": f"{tag}{i}", "chosen": "c", "rejected": "r"} for i in range(n)]
+    return str(write_lines(path, records))
+
+
+def test_mixture_is_drawn_by_the_seed(tmp_path):
+    a = _numbered(tmp_path / "a.jsonl", 20, "a")
+    b = _numbered(tmp_path / "b.jsonl", 10, "b")
+    sources = [SourceConfig(a, count=6), SourceConfig(b, weight=1)]
+
+    def prompts(seed, mix=sources):
+        return [[e.prompt for e in r.examples] for r in load_mixture(mix, seed=seed)]
+
+    first = prompts(1)
+    assert first == prompts(1)  # a rerun draws the same pairs
+    assert first != prompts(2)
+    assert (
+        len(first[0]) == 6 and len(set(first[0])) == 6 and first[1] == [f"b{i}" for i in range(10)]
+    )
+    # in file order; a source's draw depends on the seed, its path and its count only
+    assert first[0] == sorted(first[0], key=lambda p: int(p[1:]))
+    assert prompts(1, sources[::-1])[::-1] == first
+    reports = load_mixture(sources, seed=1)
+    assert reports[0].available == 20
+    assert reports[0].summary().startswith(f"{a}: 20 records, 6 of 20 pairs drawn by the mix, ")
+
+
+def test_mixture_sources_read_with_their_own_column_map(tmp_path):
+    a = _numbered(tmp_path / "a.jsonl", 2, "a")
+    b = str(write_lines(tmp_path / "b.jsonl", [MAPPED_ROW]))
+    reports = load_mixture([SourceConfig(a), SourceConfig(b, columns=COLUMNS)], seed=0)
+    assert [e.prompt for r in reports for e in r.examples] == ["a0", "a1", "q"]
+    with pytest.raises(DataError, match=f"^{b}:1: field 'chosen' is missing$"):
+        load_mixture([SourceConfig(a), SourceConfig(b)], seed=0)
+
+
+def test_load_data_follows_the_data_config(tmp_path, tokenizer):
+    a = _numbered(tmp_path / "a.jsonl", 5, "a")
+    b = str(write_lines(tmp_path / "b.jsonl", [MAPPED_ROW]))
+    held = str(write_lines(tmp_path / "held.jsonl", [MAPPED_ROW | {"question": "h"}]))
+    train, heldout = load_data(DataConfig(train=a, limit=2), tokenizer=tokenizer)
+    assert [len(r.examples) for r in train] == [2] and heldout is None
+    data = DataConfig(
+        sources=[SourceConfig(a, count=3), SourceConfig(b)],
+        columns={"instruction": "question", "chosen": "response_j", "rejected": "response_k"},
+        eval=held,
+        system_prompt="be brief",
+    )
+    data.sources[0].columns = {}  # "a" keeps its own names
+    train, heldout = load_data(data, tokenizer=tokenizer, seed=3)
+    assert [r.source for r in train] == [a, b] and len(train[0].examples) == 3
+    assert train[1].examples[0].prompt == "<system> be brief <user> q <assistant> "
+    assert heldout.examples[0].prompt == "<system> be brief <user> h <assistant> "
+    assert load_data(data, tokenizer=tokenizer, seed=3)[0][0].examples == train[0].examples
+
+
+def test_data_sources_and_columns_in_a_yaml_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data:\n"
+        "  columns: {prompt: question, chosen: response_j, rejected: response_k}\n"
+        "  system_prompt: be brief\n"
+        "  sources:\n"
+        "    - {path: a.jsonl, count: 100}\n"
+        "    - {path: b.jsonl, weight: 2, columns: {}}\n"
+    )
+    data = load_config(path).data
+    assert data.sources == [
+        SourceConfig("a.jsonl", count=100),
+        SourceConfig("b.jsonl", weight=2.0, columns={}),
+    ]
+    assert data.columns == COLUMNS and data.system_prompt == "be brief"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.train=a.jsonl", "data.sources=[{path: b.jsonl}]"], "give one, not both"),
+        (["data.limit=5", "data.sources=[{path: b.jsonl}]"], "data.limit applies to data.train"),
+        (["data.sources=[{path: b.jsonl, cnt: 3}]"], "unknown key data.sources[0].cnt"),
+        (["data.sources=[b.jsonl]"], "data.sources[0]: expected a mapping"),
+        (["data.sources=[{count: 3}]"], "data.sources[0].path: a file or hub id is needed"),
+        (["data.sources=[{path: b, count: 0}]"], "data.sources[0].count must be >= 1"),
+        (["data.sources=[{path: b, weight: 0}]"], "data.sources[0].weight must be > 0"),
+        (["data.sources=[{path: b, weight: 1, count: 2}]"], "give count or weight, not both"),
+        (
+            ["data.sources=[{path: b, columns: {promt: q}}]"],
+            "data.sources[0].columns: unknown field 'promt'",
+        ),
+        (["data.columns.promt=question"], "data.columns: unknown field 'promt'"),
+        (["data.columns.chosen=[a]"], "data.columns.chosen: expected a column name"),
+        (["data.columns=question"], "data.columns: expected a mapping"),
+        (["data.system_prompt=[a]"], "data.system_prompt: expected str"),
+    ],
+)
+def test_data_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert message in str(caught.value)
+
+
 @pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH-RLHF data not present")
 def test_hh_rlhf_harmless_base_test_split():
     report = load_preferences(str(HH_FILE), on_error="skip")
@@ -373,3 +728,34 @@ def test_length_stats_by_hand():
 def test_length_stats_of_one_pair():
     stats = length_stats([pair(3, 2, 1)])
     assert stats["prompt"] == {"mean": 3, "median": 3, "p95": 3, "max": 3}
+
+
+# --------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.skipif(not LLAMAFACTORY_DEMO.exists(), reason="shared LLaMA-Factory demo not present")
+def test_training_on_the_llamafactory_demo_file(tmp_path):
+    """A few steps on a slice of LLaMA-Factory's demo file, as it is, with a tiny model whose
+    tokenizer has a chat template."""
+    from conftest import make_model, make_tokenizer
+    from test_train import read_metrics, tiny_config
+
+    from avgalign.train import train
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model_dir = tmp_path / "model"
+    make_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = tiny_config(
+        tmp_path,
+        model_dir,
+        LLAMAFACTORY_DEMO,
+        **{"data.limit": 16, "train.max_steps": 2, "train.save_model": False},
+    )
+    train(cfg)
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    rendering = json.loads((tmp_path / "run" / "prompt_rendering.json").read_text())
+    assert rendering["rendering"] == "chat_template"

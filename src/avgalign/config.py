@@ -41,10 +41,30 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One of `data.sources`: a file or hub id (as `data.train`) and what it gives the mix."""
+
+    path: str = ""
+    count: int | None = None  # exactly this many of its pairs, drawn by train.seed
+    # or a share of the mix: the sources with a weight form the largest mix, without repeating a
+    # pair, in which each gives weight / (sum of their weights) of it. Neither: all its pairs
+    weight: float | None = None
+    columns: dict[str, str] | None = None  # this source's column map, instead of data.columns
+
+
+@dataclass
 class DataConfig:
     train: str = (
         ""  # local .jsonl/.json(.gz)/.parquet/.csv/.tsv file or hub id ("Anthropic/hh-rlhf:...")
     )
+    # instead of `train`, several sources mixed: [{path: a.jsonl, count: 1000}, {path: b.jsonl,
+    # weight: 2}, ...]; the same train.seed draws the same pairs (see avgalign.data.load_mixture)
+    sources: list[SourceConfig] = field(default_factory=list)
+    # record field <- column, renaming a dataset's columns before its format is detected, e.g.
+    # {prompt: question, chosen: response_j, rejected: response_k} (fields: data.COLUMN_TARGETS)
+    columns: dict[str, str] = field(default_factory=dict)
+    # a system message put first in conversations rendered with the chat template that have none
+    system_prompt: str | None = None
     eval: str | None = None  # held-out file; if None, `eval_fraction` of train is held out
     split: str = "train"  # split name for hub datasets
     eval_fraction: float = 0.05
@@ -336,6 +356,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):  # a list item such as data.sources[0]
+        return from_mapping(annotation, value, f"{key}.")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -420,6 +442,7 @@ def validate(cfg: Config) -> Config:
     _require(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
     _require(data.on_error in ("error", "skip"), "data.on_error must be 'error' or 'skip'")
     _require(data.limit is None or data.limit > 0, "data.limit must be > 0")
+    _validate_data_sources(data)
     _require(train.batch_size >= 1, "train.batch_size must be >= 1")
     _require(train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
     _require(
@@ -451,7 +474,48 @@ def validate(cfg: Config) -> Config:
     _require(train.eval_every >= 0, "train.eval_every must be >= 0")
     _require(train.save_every >= 0, "train.save_every must be >= 0")
     _require(train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    from .modelcard import check_repo_id
+    from .tracking import report_to
+
+    report_to(train)  # an unknown tracker name is an error here, a missing package at start
+    check_repo_id(train)
     return cfg
+
+
+def _validate_data_sources(data: DataConfig) -> None:
+    """data.train or data.sources, each source's count or weight, and the column maps."""
+    _require(not (data.train and data.sources), "data.train and data.sources: give one, not both")
+    _require(
+        not (data.limit and data.sources),
+        "data.limit applies to data.train; with data.sources give a source a count",
+    )
+    _check_columns("data.columns", data.columns)
+    for i, source in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        _require(bool(source.path), f"{key}.path: a file or hub id is needed")
+        _require(
+            source.count is None or source.weight is None,
+            f"{key}: give count or weight, not both",
+        )
+        _require(source.count is None or source.count >= 1, f"{key}.count must be >= 1")
+        _require(source.weight is None or source.weight > 0, f"{key}.weight must be > 0")
+        if source.columns is not None:
+            _check_columns(f"{key}.columns", source.columns)
+
+
+def _check_columns(key: str, columns: Any) -> None:
+    from .data import COLUMN_TARGETS
+
+    _require(isinstance(columns, dict), f"{key}: expected a mapping of field: column")
+    for target, column in columns.items():
+        _require(
+            target in COLUMN_TARGETS,
+            f"{key}: unknown field {target!r}; one of {', '.join(COLUMN_TARGETS)}",
+        )
+        _require(
+            isinstance(column, str) and bool(column),
+            f"{key}.{target}: expected a column name, got {column!r}",
+        )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

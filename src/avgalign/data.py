@@ -5,13 +5,25 @@
     length_stats(pairs) -> dict; format_length_stats(stats) -> str              (diagnostics)
     prompt_rendering(examples, tokenizer) -> dict; write_/read_prompt_rendering  (provenance)
 
-Record formats (TRL dataset conventions), detected per record:
+Record formats (TRL's dataset conventions and LLaMA-Factory's ranking formats), detected per
+record:
 - explicit: "prompt", "chosen" and "rejected" strings;
 - conversational: "prompt", "chosen", "rejected" as lists of {"role", "content"} messages, or only
   "chosen" and "rejected" as whole conversations whose shared leading messages are the prompt.
   Rendered to text with the tokenizer's chat template;
 - implicit prompt strings (Anthropic HH-RLHF): only "chosen" and "rejected", each a whole dialogue
-  "\\n\\nHuman: ... \\n\\nAssistant: ..."; see `split_implicit_prompt`.
+  "\\n\\nHuman: ... \\n\\nAssistant: ..."; see `split_implicit_prompt`;
+- LLaMA-Factory's sharegpt ranking format: "conversations" (or "messages"), a list of
+  {"from", "value"} or {"role", "content"} messages ending with a user turn, and "chosen" and
+  "rejected" as single assistant messages; an optional "system" string. Roles human/user,
+  gpt/assistant and system. Rendered with the chat template; see `_sharegpt_values`;
+- LLaMA-Factory's alpaca ranking format: "instruction", optional "input", "system" and "history"
+  ([user, assistant] pairs before it), "chosen" and "rejected" strings. The user message is
+  instruction + "\\n" + input (just the instruction when input is empty), rendered with the chat
+  template as LLaMA-Factory does; see `_alpaca_values`.
+A column map (`columns`, e.g. {"prompt": "question", "chosen": "response_j"}) renames a record's
+fields before its format is detected. A system prompt (`system_prompt`) is prepended, as a system
+message, to every conversation rendered with the chat template that has none.
 Each example records how its prompt text was made (`PreferenceExample.rendering`): "chat_template"
 for conversational records, "raw" for text taken as it is. A trained model's folder keeps that
 record (`prompt_rendering`, PROMPT_RENDERING_FILE), so that evaluation renders its prompts as
@@ -25,6 +37,9 @@ which generation, stopping there, can never produce; any other (raw text) gets E
 
 A bad record raises DataError (on_error="error") or is listed in LoadReport.skipped with its
 location and reason (on_error="skip"): nothing is dropped silently.
+
+Several sources are mixed by `load_mixture`: each gives all its pairs, a count, or a share
+(weight) of the mix, drawn by a seed; see `mixture_counts`.
 """
 
 from __future__ import annotations
@@ -33,11 +48,17 @@ import gzip
 import json
 import math
 import os
+import random
+import re
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import DataConfig, SourceConfig
 
 ON_ERROR = ("error", "skip")
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -45,6 +66,24 @@ _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 _TABLE_SUFFIXES = (".csv", ".tsv")
 _SUFFIXES = (*_JSON_SUFFIXES, ".parquet", *_TABLE_SUFFIXES)
 _FIELDS = ("prompt", "chosen", "rejected")
+# the record fields the formats read: what a column map may rename a column to
+COLUMN_TARGETS = (
+    *_FIELDS,
+    "conversations",
+    "messages",
+    "instruction",
+    "input",
+    "system",
+    "history",
+)
+# sharegpt roles ("from") and OpenAI-style roles ("role") as chat template roles
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 RENDERINGS = ("raw", "chat_template")  # how a PreferenceExample's prompt text was made
 PROMPT_RENDERING_FILE = "prompt_rendering.json"
 PROMPT_PLACEHOLDER = "{prompt}"  # the user message of the chat template probe
@@ -92,17 +131,23 @@ class TokenizedPair:
 
 @dataclass
 class LoadReport:
-    """What `load_preferences` read: `records` counts every record read, usable or not."""
+    """What `load_preferences` read: `records` counts every record read, usable or not.
+    `available` is set when a mix drew `examples` from a source's usable pairs: how many there
+    were (`load_mixture`)."""
 
     source: str
     records: int = 0
     examples: list[PreferenceExample] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
     warnings: list[str] = field(default_factory=list)  # "<location>: <what>"
+    available: int | None = None
 
     def summary(self, max_notes: int = 5) -> str:
+        pairs = f"{len(self.examples)} pairs"
+        if self.available is not None:
+            pairs = f"{len(self.examples)} of {self.available} pairs drawn by the mix"
         head = (
-            f"{self.source}: {self.records} records, {len(self.examples)} pairs, "
+            f"{self.source}: {self.records} records, {pairs}, "
             f"{len(self.skipped)} skipped, {len(self.warnings)} warnings"
         )
         notes = [f"  skipped {loc}: {reason}" for loc, reason in self.skipped]
@@ -141,6 +186,8 @@ def load_preferences(
     tokenizer: Any = None,
     on_error: str = "error",
     limit: int | None = None,
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
 ) -> LoadReport:
     """Read preference pairs from a local file or a Hugging Face Hub dataset.
 
@@ -152,16 +199,31 @@ def load_preferences(
     not records. `tokenizer` (with a chat template) is needed only for conversational records.
     `on_error`: "error" raises DataError at the first bad record, "skip" records it in
     `report.skipped`. Reading stops once `limit` examples are kept.
+    `columns` maps record fields (COLUMN_TARGETS) to the columns that hold them, e.g.
+    {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}: each record's
+    mapped columns are renamed before its format is detected, other columns stay as they are; a
+    record without a mapped column is a bad record, and errors name the record's own column.
+    `system_prompt`: a system message put first in every conversation rendered with the chat
+    template that starts without one; raw text records are kept as they are.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; expected one of {ON_ERROR}")
+    for target, column in (columns or {}).items():
+        if target not in COLUMN_TARGETS:
+            raise DataError(
+                source,
+                f"column map: unknown field '{target}' (for column {column!r}); one of "
+                + ", ".join(COLUMN_TARGETS),
+            )
     report = LoadReport(source=source)
     for location, record in _iter_records(source, split):
         if limit is not None and len(report.examples) >= limit:
             break
         report.records += 1
         try:
-            example, warnings = _normalize_record(record, location, tokenizer)
+            example, warnings = _normalize_record(
+                record, location, tokenizer, columns, system_prompt
+            )
         except DataError as err:
             if on_error == "error":
                 raise
@@ -267,26 +329,146 @@ def _decode_line(line: bytes, location: str) -> Any:
         raise DataError(location, f"not valid JSON ({err.msg} at column {err.colno})") from None
 
 
+def load_data(
+    data: DataConfig, *, tokenizer: Any = None, seed: int = 0
+) -> tuple[list[LoadReport], LoadReport | None]:
+    """(training reports, held-out report or None) as a data config names them: `data.train`
+    (read up to `data.limit` pairs) or the mix of `data.sources` drawn with `seed`, one report per
+    source; `data.eval` when set. `data.columns` and `data.system_prompt` apply to every source
+    (a source's own `columns` replace `data.columns`)."""
+    common = {
+        "split": data.split,
+        "tokenizer": tokenizer,
+        "on_error": data.on_error,
+        "system_prompt": data.system_prompt,
+    }
+    if data.sources:
+        train = load_mixture(data.sources, seed=seed, columns=data.columns, **common)
+    else:
+        train = [load_preferences(data.train, limit=data.limit, columns=data.columns, **common)]
+    held = load_preferences(data.eval, columns=data.columns, **common) if data.eval else None
+    return train, held
+
+
+def load_mixture(
+    sources: Sequence[SourceConfig],
+    *,
+    seed: int,
+    columns: Mapping[str, str] | None = None,
+    **options: Any,
+) -> list[LoadReport]:
+    """One report per source, in order, each source read whole by `load_preferences` (`options`:
+    split, tokenizer, on_error, system_prompt; `columns` unless the source has its own), its
+    `examples` then cut to the pairs it gives the mix (`mixture_counts`), in file order, and
+    `available` set to its usable pairs. Which pairs a source gives depends only on `seed`, its
+    path and how many it gives: the same seed draws the same pairs on a rerun.
+    """
+    reports = [
+        load_preferences(s.path, columns=columns if s.columns is None else s.columns, **options)
+        for s in sources
+    ]
+    takes = mixture_counts(sources, [len(r.examples) for r in reports])
+    for source, report, take in zip(sources, reports, takes, strict=True):
+        report.available = len(report.examples)
+        # a string seed is hashed with SHA-512: the same draw in every process and Python run
+        rng = random.Random(f"{seed}:{source.path}")
+        kept = sorted(rng.sample(range(report.available), take))
+        report.examples = [report.examples[i] for i in kept]
+    return reports
+
+
+def mixture_counts(sources: Sequence[SourceConfig], sizes: Sequence[int]) -> list[int]:
+    """How many pairs each source gives the mix, from its usable pairs `sizes`:
+    - `count` N: N pairs; DataError naming the source when it has fewer;
+    - `weight` w: the sources with a weight together give the largest mix, without repeating a
+      pair, in which each gives the share w / (sum of their weights): with shares p_i and sizes
+      n_i, the mix has T = min_i n_i / p_i pairs and source i gives floor(p_i * T) (the source
+      that runs out first gives all its pairs). Weights 3 and 1 over 600 and 100 pairs: T = 400,
+      300 and 100 pairs;
+    - neither: all its pairs.
+    """
+    # Exact fractions of the weights as written (0.7 is 7/10, not the float nearest to it): the
+    # limiting source gives exactly all its pairs, and shares in proportion exactly, not 1 fewer.
+    weights = [None if s.weight is None else Fraction(str(s.weight)) for s in sources]
+    total_weight = sum(w for w in weights if w is not None)
+    mix_size = min(
+        (n * total_weight / w for w, n in zip(weights, sizes, strict=True) if w is not None),
+        default=0,
+    )
+    takes = []
+    for source, weight, size in zip(sources, weights, sizes, strict=True):
+        if source.count is not None:
+            if source.count > size:
+                raise DataError(
+                    source.path, f"count {source.count} is more than its {size} usable pairs"
+                )
+            takes.append(source.count)
+        elif weight is not None:
+            takes.append(math.floor(weight / total_weight * mix_size))
+        else:
+            takes.append(size)
+    return takes
+
+
 # ---------------------------------------------------------------------------------------- formats
 
 
 def _normalize_record(
-    record: Any, location: str, tokenizer: Any
+    record: Any,
+    location: str,
+    tokenizer: Any,
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[PreferenceExample, list[str]]:
     """The record as a PreferenceExample plus warnings; DataError if it is bad."""
     if isinstance(record, bytes):
         record = _decode_line(record, location)
     if not isinstance(record, Mapping):
         raise DataError(location, f"record must be a JSON object, got {_type_name(record)}")
+    if not columns:
+        return _normalize_fields(record, location, tokenizer, system_prompt)
+    renamed = dict(record)
+    for target, column in columns.items():
+        if column not in record:
+            raise DataError(
+                location, f"field '{column}' is missing (the column map reads '{target}' from it)"
+            )
+        renamed[target] = record[column]
+    try:
+        return _normalize_fields(renamed, location, tokenizer, system_prompt)
+    except DataError as err:
+        raise DataError(location, _name_columns(err.reason, columns)) from None
+
+
+def _name_columns(reason: str, columns: Mapping[str, str]) -> str:
+    """`reason` with each field the column map renamed called by its column as well:
+    "field 'chosen' must be ..." -> "field 'response_j' (chosen) must be ..."."""
+
+    def name(match: re.Match) -> str:
+        target = match.group(1)
+        return f"'{columns[target]}' ({target})" if target in columns else match.group(0)
+
+    return re.sub(r"(?:(?<=field )|(?<=fields )|(?<=' and ))'(\w+)'", name, reason)
+
+
+def _normalize_fields(
+    record: Mapping, location: str, tokenizer: Any, system_prompt: str | None
+) -> tuple[PreferenceExample, list[str]]:
     # A Hub or Parquet table has every column in every row, with None where a value is absent.
     values = {name: record.get(name) for name in _FIELDS}
     for name in ("chosen", "rejected"):
         if values[name] is None:
             raise DataError(location, f"field '{name}' is missing")
+    if any(record.get(name) is not None for name in ("conversations", "messages")) or any(
+        isinstance(values[name], Mapping) for name in ("chosen", "rejected")
+    ):
+        values = _sharegpt_values(record, location)
+    elif record.get("instruction") is not None:
+        values = _alpaca_values(record, location)
     warnings = []
     rendering = "raw"
     if any(isinstance(value, list) for value in values.values()):
-        prompt, chosen, rejected = _render_conversation(values, location, tokenizer)
+        prompt, chosen, rejected = _render_conversation(values, location, tokenizer, system_prompt)
         rendering = "chat_template"
     else:
         for name, value in values.items():
@@ -334,12 +516,117 @@ def split_implicit_prompt(chosen: str, rejected: str, location: str = "") -> tup
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def _sharegpt_values(record: Mapping, location: str) -> dict[str, list[dict]]:
+    """A LLaMA-Factory sharegpt ranking record as conversational prompt, chosen and rejected
+    messages: the conversation is the prompt (it must end with a user message), its "system"
+    string, if any, a system message before it; "chosen" and "rejected" are one message each."""
+    name = "conversations" if record.get("conversations") is not None else "messages"
+    turns = record.get(name)
+    if turns is None:
+        raise DataError(
+            location,
+            "field 'conversations' is missing: a record whose 'chosen' or 'rejected' is one "
+            "message object is in LLaMA-Factory's sharegpt format",
+        )
+    if not isinstance(turns, list) or not turns:
+        raise DataError(location, f"field '{name}' must be a non-empty list of messages")
+    prompt = [
+        _sharegpt_message(turn, f"field '{name}', message {i}", location)
+        for i, turn in enumerate(turns)
+    ]
+    if prompt[-1]["role"] != "user":
+        raise DataError(
+            location, f"field '{name}' must end with a user message, got {prompt[-1]['role']}"
+        )
+    system = _optional_string(record, "system", location)
+    if system and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system})
+    if record.get("tools"):
+        raise DataError(location, "field 'tools': tool descriptions are not supported")
+    values: dict[str, list[dict]] = {"prompt": prompt}
+    for completion in ("chosen", "rejected"):
+        message = _sharegpt_message(record[completion], f"field '{completion}'", location)
+        if not message["content"].strip():
+            raise DataError(location, f"field '{completion}' is an empty completion")
+        values[completion] = [message]
+    return values
+
+
+def _sharegpt_message(message: Any, where: str, location: str) -> dict[str, str]:
+    """{"role", "content"} of a sharegpt {"from", "value"} or OpenAI-style {"role", "content"}
+    message; `where` names it in errors ("field 'conversations', message 2")."""
+    keys = (
+        ("from", "value")
+        if isinstance(message, Mapping) and "from" in message
+        else ("role", "content")
+    )
+    if not isinstance(message, Mapping) or not all(k in message for k in keys):
+        raise DataError(
+            location,
+            f"{where} must be a message object, {{'from', 'value'}} or {{'role', 'content'}}, "
+            f"got {_type_name(message)}",
+        )
+    role, content = message[keys[0]], message[keys[1]]
+    if role not in _ROLES:
+        raise DataError(
+            location, f"{where}: role {role!r} is not supported; one of {', '.join(_ROLES)}"
+        )
+    if not isinstance(content, str):
+        raise DataError(
+            location, f"{where}: '{keys[1]}' must be a string, got {_type_name(content)}"
+        )
+    return {"role": _ROLES[role], "content": content}
+
+
+def _alpaca_values(record: Mapping, location: str) -> dict[str, list[dict]]:
+    """A LLaMA-Factory alpaca ranking record as conversational messages: [system], the
+    "history" turns, then the user message instruction + "\\n" + input (the instruction alone
+    when input is empty); "chosen" and "rejected" strings as assistant messages."""
+    instruction = _optional_string(record, "instruction", location)
+    query = _optional_string(record, "input", location)
+    system = _optional_string(record, "system", location)
+    prompt = [{"role": "system", "content": system}] if system else []
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(location, f"field 'history' must be a list, got {_type_name(history)}")
+    for i, turn in enumerate(history):
+        pair = isinstance(turn, list | tuple) and len(turn) == 2
+        if not (pair and all(isinstance(t, str) for t in turn)):
+            raise DataError(
+                location, f"field 'history', turn {i} must be a [user, assistant] pair of strings"
+            )
+        prompt += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    prompt.append({"role": "user", "content": f"{instruction}\n{query}" if query else instruction})
+    values: dict[str, list[dict]] = {"prompt": prompt}
+    for completion in ("chosen", "rejected"):
+        text = record[completion]
+        if not isinstance(text, str):
+            raise DataError(
+                location, f"field '{completion}' must be a string, got {_type_name(text)}"
+            )
+        if not text.strip():
+            raise DataError(location, f"field '{completion}' is an empty completion")
+        values[completion] = [{"role": "assistant", "content": text}]
+    return values
+
+
+def _optional_string(record: Mapping, name: str, location: str) -> str:
+    """The record's string field `name`, "" when absent or null."""
+    value = record.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(location, f"field '{name}' must be a string, got {_type_name(value)}")
+    return value
+
+
 def _render_conversation(
-    values: dict[str, Any], location: str, tokenizer: Any
+    values: dict[str, Any], location: str, tokenizer: Any, system_prompt: str | None = None
 ) -> tuple[str, str, str]:
     """Prompt and completion texts of a conversational record, through the chat template: the
     prompt is rendered with the generation prompt, a completion is the rendering of prompt +
-    completion messages with the prompt's rendering removed from its front."""
+    completion messages with the prompt's rendering removed from its front. `system_prompt`, when
+    given, is put first in a prompt that starts without a system message."""
     from jinja2 import TemplateError  # what a chat template's raise_exception raises
 
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -360,6 +647,8 @@ def _render_conversation(
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not prompt:
             raise DataError(location, "fields 'chosen' and 'rejected' share no leading messages")
+    if system_prompt and (not prompt or prompt[0]["role"] != "system"):
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
     texts = {}
     try:
         prompt_text = tokenizer.apply_chat_template(
