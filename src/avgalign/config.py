@@ -259,7 +259,12 @@ class TrainConfig:
     # activation checkpointing. auto: on only where the token budget cannot bound a forward
     # pass (a pair alone packs to more than max_tokens_per_micro_batch); true / false force it
     gradient_checkpointing: bool | str = "auto"
-    tensorboard: bool = False
+    # experiment trackers, through Accelerate: tensorboard (in output_dir/tensorboard) | wandb |
+    # mlflow, a list of them, or none; metrics.jsonl is written whatever this says
+    report_to: str | list[str] = "none"
+    tensorboard: bool = False  # deprecated (one release): report_to: tensorboard
+    # a Hub repo id ("user/name"): after training, the saved model folder is uploaded there
+    push_to_hub: str | None = None
     progress: bool = True
     save_model: bool = True
     save_every: int = 0  # steps between checkpoints (0: none; a stop signal still saves one)
@@ -293,6 +298,8 @@ RESUMABLE_CHANGES = frozenset(
         "train.overwrite",
         "train.progress",
         "train.tensorboard",
+        "train.report_to",
+        "train.push_to_hub",
         "train.save_every",
         "train.keep_checkpoints",
         "train.eval_every",

@@ -26,7 +26,12 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    gather_object,
+)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -63,6 +68,7 @@ from .logprobs import (
     use_split_attention,
 )
 from .losses import LossParams, get_loss, preference_loss
+from .modelcard import model_card, push_folder
 from .models import (
     cache_root,
     fingerprint_model,
@@ -83,7 +89,14 @@ from .reference import (
 )
 from .seeding import seeded
 from .stopping import StopSignals, TrainingInterrupted
-from .tracking import MetricsLog, mean_metrics, truncate_metrics
+from .tracking import (
+    MetricsLog,
+    mean_metrics,
+    report_to,
+    require_trackers,
+    start_trackers,
+    truncate_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +200,12 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _accelerator(mixed_precision: str) -> Accelerator:
-    """The run's Accelerator. Three fixes to Accelerate's defaults:
+def _accelerator(
+    mixed_precision: str, trackers: list[str] | None = None, output_dir: Path | None = None
+) -> Accelerator:
+    """The run's Accelerator, with the experiment `trackers` (train.report_to) of a run whose
+    folder is `output_dir` (TensorBoard writes in output_dir/tensorboard). Three fixes to
+    Accelerate's defaults:
     - its state is a per-process singleton that refuses another precision: in a single-process
       run (a sweep or a notebook calling train() with bf16 after fp32) it is reset;
     - it leaves mixed_precision="fp16" off on a CPU without a word (no autocast, no loss scaler):
@@ -199,7 +216,14 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     if state and state.get("_mixed_precision") != mixed_precision:
         if state.get("num_processes", 1) == 1:
             AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    project = None
+    if output_dir is not None:
+        project = ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")
+        )
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, log_with=trackers or None, project_config=project
+    )
     _fsdp_on_cpu(accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         accelerator.native_amp = True
@@ -410,7 +434,9 @@ def train(
     global RNG state is the same after the call as before, and what ran before does not matter.
     """
     mixed_precision = _mixed_precision(cfg.train.mixed_precision)
-    accelerator = _accelerator(mixed_precision)
+    trackers = report_to(cfg.train)
+    require_trackers(trackers)  # before anything loads: a missing package is a one-line error
+    accelerator = _accelerator(mixed_precision, trackers, Path(cfg.train.output_dir))
     with seeded(cfg.train.seed, accelerator.device):
         trainer = Trainer(
             cfg,
@@ -923,6 +949,8 @@ class Trainer:
         model_dir = self.save_model()
         if self.main:
             self.write_summary(train_seconds, self.last, eval_metrics)
+            if model_dir is not None:
+                self.share(model_dir, eval_metrics)
         acc.wait_for_everyone()
         return TrainResult(
             self.out,
@@ -955,10 +983,35 @@ class Trainer:
             )
 
     def _metrics_log(self):
+        """metrics.jsonl, and the trackers of train.report_to started (main process only)."""
         if not self.main:
             return _NoLog()
-        tb = self.out / "tensorboard" if self.tc.tensorboard else None
-        return MetricsLog(self.out / "metrics.jsonl", tb)
+        if self.tc.tensorboard:
+            print("train.tensorboard is deprecated and goes in the next release: use "
+                  "train.report_to: tensorboard (same folder, output_dir/tensorboard)")
+        if self.accelerator.log_with:
+            start_trackers(self.accelerator, self.cfg.to_dict(), self.out.name)
+        return MetricsLog(self.out / "metrics.jsonl", self.accelerator)
+
+    def share(self, model_dir: Path, eval_metrics: dict[str, float]) -> None:
+        """The model card (README.md) in the saved model folder; then, with train.push_to_hub,
+        the folder uploaded to the Hub. Main process only."""
+        data = self.cfg.data
+        # no data report: the pairs were given in code, their source is unknown here
+        sources = ([s.path for s in data.sources] or [data.train]) if self.data_report else []
+        card = model_card(
+            self.cfg,
+            sources=sources,
+            train_pairs=self.train_pairs,
+            eval_pairs=len(self.eval_pairs),
+            steps=self.total_steps,
+            last_train=self.last,
+            eval_metrics=eval_metrics,
+        )
+        (model_dir / "README.md").write_text(card)
+        if self.tc.push_to_hub:
+            url = push_folder(self.tc.push_to_hub, model_dir)
+            print(f"model folder {model_dir} pushed to the Hub: {url}")
 
     def _show(self, bar, record: dict[str, Any]) -> None:
         if self.main and record["split"] == "train":
