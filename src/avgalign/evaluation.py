@@ -672,6 +672,9 @@ class EvalResult:
     lc_win_rate: WinRate | None = None
     kl: MeanCI | None = None
     settings: GenerationSettings | None = None
+    # per prompt (in prompt order), the means over its samples: score, length, and where measured
+    # kl and win (see per_prompt_means); what a bootstrap over prompts (and seeds) resamples
+    per_prompt: dict[str, list[float]] = field(default_factory=dict, repr=False)
     # kept for write_eval_outputs; not part of the summary
     completions: list[ScoredCompletion] = field(default_factory=list, repr=False)
 
@@ -679,7 +682,7 @@ class EvalResult:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "completions":
+            if f.name in ("completions", "per_prompt"):
                 continue
             if isinstance(value, MeanCI):
                 value = value._asdict()
@@ -691,6 +694,38 @@ class EvalResult:
 
 def _by_key(samples: Sequence[ScoredCompletion]) -> list[ScoredCompletion]:
     return sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))
+
+
+def per_prompt_means(
+    policy: Sequence[ScoredCompletion],
+    reference: Sequence[ScoredCompletion] | None = None,
+    kl_terms=None,
+) -> dict[str, list[float]]:
+    """Per prompt (ordered by prompt_index), the mean over its samples of the policy's score and
+    length, of the KL terms log pi(y|x) - log pi_ref(y|x) (given in the order of `policy`), and of
+    the policy's outcome against the reference's sample of the same index (1 win, 0.5 tie)."""
+    order = sorted(range(len(policy)), key=lambda i: (policy[i].prompt_index,
+                                                      policy[i].sample_index))
+    prompts = sorted({s.prompt_index for s in policy})
+    index = {p: i for i, p in enumerate(prompts)}
+
+    def means(values) -> list[float]:
+        total, count = np.zeros(len(prompts)), np.zeros(len(prompts))
+        for i, v in zip(order, values, strict=True):
+            total[index[policy[i].prompt_index]] += v
+            count[index[policy[i].prompt_index]] += 1
+        return (total / count).tolist()
+
+    out = {"score": means([policy[i].score for i in order]),
+           "length": means([policy[i].num_tokens for i in order])}
+    if kl_terms is not None:
+        terms = _as_1d(kl_terms, "kl_terms")
+        out["kl"] = means([terms[i] for i in order])
+    if reference:
+        outcomes = pairwise_outcomes([policy[i].score for i in order],
+                                     [s.score for s in _by_key(reference)])
+        out["win"] = means(outcomes)
+    return out
 
 
 def summarize_evaluation(
@@ -722,8 +757,10 @@ def summarize_evaluation(
         settings=settings,
         completions=list(policy) + list(reference or []),
     )
+    kl_terms = None
     if policy_logps is not None and reference_logps is not None:
         result.kl = kl_estimate(policy_logps, reference_logps)
+        kl_terms = _as_1d(policy_logps, "policy_logps") - _as_1d(reference_logps, "reference_logps")
     if reference:
         pol, ref = _by_key(policy), _by_key(reference)
         if [(s.prompt_index, s.sample_index) for s in ref] != sorted(keys):
@@ -735,6 +772,7 @@ def summarize_evaluation(
         lengths = ([s.num_tokens for s in pol], [s.num_tokens for s in ref])
         result.win_rate = win_rate(*scores, n_boot=n_boot, seed=seed)
         result.lc_win_rate = length_controlled_win_rate(*scores, *lengths, n_boot=n_boot, seed=seed)
+    result.per_prompt = per_prompt_means(policy, reference, kl_terms)
     return result
 
 

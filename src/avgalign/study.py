@@ -71,6 +71,7 @@ class RunSpec:
     beta_sum: float
     beta: float
     alpha: float | None = None  # only for aggregation "power"
+    seed: int | None = None  # the training seed, when the sweep repeats each cell over seeds
 
     @property
     def curve(self) -> str:
@@ -79,8 +80,13 @@ class RunSpec:
         return f"{self.loss}/{self.aggregation}{suffix}"
 
     @property
-    def key(self) -> str:
+    def cell(self) -> str:
+        """The grid point (curve, beta_sum), common to the runs that differ only by seed."""
         return f"{self.curve}/beta_sum={self.beta_sum:g}"
+
+    @property
+    def key(self) -> str:
+        return self.cell if self.seed is None else f"{self.cell}/seed={self.seed}"
 
 
 def plan_runs(
@@ -89,9 +95,11 @@ def plan_runs(
     betas: Iterable[float],
     mean_length: float,
     alphas: Iterable[float] = (),
+    seeds: Iterable[int | None] = (None,),
 ) -> list[RunSpec]:
-    """Every (loss, aggregation, beta_sum), one curve per alpha for "power", betas calibrated."""
-    alphas = list(alphas)
+    """Every (loss, aggregation, beta_sum), one curve per alpha for "power", betas calibrated;
+    each cell once per training seed (seed None: the training config's own seed)."""
+    alphas, seeds = list(alphas), list(seeds)
     specs = []
     for loss in losses:
         for aggregation in aggregations:
@@ -101,7 +109,8 @@ def plan_runs(
                 exponent = aggregation_exponent(aggregation, 1.0 if alpha is None else alpha)
                 for beta_sum in betas:
                     beta = calibrate_beta(beta_sum, exponent, mean_length)
-                    specs.append(RunSpec(loss, aggregation, beta_sum, beta, alpha))
+                    specs += [RunSpec(loss, aggregation, beta_sum, beta, alpha, seed)
+                              for seed in seeds]
     return specs
 
 
@@ -147,13 +156,13 @@ def read_rows(path: str | Path, context: str | None = None) -> dict[str, dict[st
 def spec_fields(spec: RunSpec) -> dict[str, Any]:
     return {
         "key": spec.key, "curve": spec.curve, "loss": spec.loss, "aggregation": spec.aggregation,
-        "alpha": spec.alpha, "beta_sum": spec.beta_sum, "beta": spec.beta,
+        "alpha": spec.alpha, "beta_sum": spec.beta_sum, "beta": spec.beta, "seed": spec.seed,
     }
 
 
 BASELINE_FIELDS = {
     "key": BASELINE_KEY, "curve": BASELINE_KEY, "loss": BASELINE_KEY, "aggregation": None,
-    "alpha": None, "beta_sum": None, "beta": None,
+    "alpha": None, "beta_sum": None, "beta": None, "seed": None,
 }
 
 
@@ -226,6 +235,7 @@ def eval_measurements(result: EvalResult) -> dict[str, Any]:
     row["kl"] = result.kl.mean if result.kl else None
     row["kl_lo"] = result.kl.lo if result.kl else None
     row["kl_hi"] = result.kl.hi if result.kl else None
+    row["per_prompt"] = result.per_prompt
     return row
 
 
@@ -371,11 +381,12 @@ def _disjoint(a: dict[str, Any], b: dict[str, Any], name: str) -> bool:
 
 
 def compare_to_sum(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
-    """Every non-sum run that has a summed run of the same loss and beta_sum."""
-    summed = {(r["loss"], r["beta_sum"]): r for r in rows if r["aggregation"] == "sum"}
+    """Every non-sum run that has a summed run of the same loss, beta_sum (and seed)."""
+    summed = {(r["loss"], r["beta_sum"], r.get("seed")): r
+              for r in rows if r["aggregation"] == "sum"}
     out = []
     for r in rows:
-        s = summed.get((r["loss"], r["beta_sum"]))
+        s = summed.get((r["loss"], r["beta_sum"], r.get("seed")))
         if r["aggregation"] == "sum" or s is None:
             continue
         out.append(Comparison(

@@ -142,11 +142,12 @@ class Evaluator:
         return summarize_evaluation(self.reference_samples(), settings=self.settings,
                                     n_boot=self.n_boot, seed=self.settings.seed)
 
-    def evaluate(self, policy) -> EvalResult:
-        """The policy's samples, against the reference's: win rates, and the KL estimate from the
-        log-likelihoods of the policy's completions under the policy and the reference."""
+    def evaluate(self, policy, *, seed: int | None = None) -> EvalResult:
+        """The policy's samples (drawn with `seed`, else the settings' seed), against the
+        reference's: win rates, and the KL estimate from the log-likelihoods of the policy's
+        completions under the policy and the reference."""
         reference_samples = self.reference_samples()
-        completions, scored = self.sample(policy, "policy")
+        completions, scored = self.sample(policy, "policy", seed=seed)
         prompt_ids = [c.prompt_ids for c in completions]
         completion_ids = [c.token_ids for c in completions]
         kwargs = {"batch_size": self.settings.batch_size, "pad_id": pad_token_id(self.tokenizer)}
@@ -166,7 +167,7 @@ class Evaluator:
 def run_train_config(
     base: Config, spec: RunSpec, output_dir: Path, reference_cache_dir: Path
 ) -> Config:
-    """One run's training config: `base` with the spec's loss, aggregation, beta (and alpha), the
+    """One run's training config: `base` with the spec's loss, aggregation, beta (alpha, seed), the
     run's output folder and the sweep's reference cache. No weights are saved: a run is evaluated
     in memory."""
     config = copy.deepcopy(base)
@@ -175,6 +176,8 @@ def run_train_config(
     if spec.alpha is not None:
         loss.alpha = spec.alpha
     t = config.train
+    if spec.seed is not None:
+        t.seed = spec.seed
     t.output_dir, t.reference_cache_dir = str(output_dir), str(reference_cache_dir)
     t.save_model = False
     return validate(config)
@@ -217,6 +220,9 @@ class Sweep:
     train_subdir: str = ""  # the trainer's folder inside runs/<run>/ ("": that folder itself)
     progress: bool = True
     time_baseline: bool = False  # give the baseline's row its eval_seconds too
+    # the seed a run's samples are drawn with (None: the evaluator's); runs of different training
+    # seeds should draw different samples, so that seeds also resample the evaluation's noise
+    eval_seed: Callable[[RunSpec], int | None] = lambda spec: None
 
     @property
     def results_path(self) -> Path:
@@ -230,6 +236,7 @@ class Sweep:
         result = self.evaluator.baseline()
         write_eval_outputs(result, result.completions, self.out / "runs" / BASELINE_KEY)
         row = {**eval_measurements(result), "kl": 0.0, "kl_lo": 0.0, "kl_hi": 0.0}
+        row["per_prompt"]["kl"] = [0.0] * result.num_prompts  # the reference against itself
         if self.time_baseline:
             row["eval_seconds"] = time.perf_counter() - t0
         return row
@@ -248,7 +255,7 @@ class Sweep:
                            train_pairs=self.data.train_pairs, eval_pairs=self.data.eval_pairs)
         (train_dir / "train.log").write_text(log.getvalue())
         t_eval = time.perf_counter()
-        evaluation = self.evaluator.evaluate(policy)
+        evaluation = self.evaluator.evaluate(policy, seed=self.eval_seed(spec))
         write_eval_outputs(evaluation, evaluation.completions, run_dir)
         return {**eval_measurements(evaluation), **training_measurements(result),
                 "eval_seconds": time.perf_counter() - t_eval}
@@ -329,7 +336,7 @@ def run_command(name: str, run: Callable[[], StudyOutputs]) -> StudyOutputs:
     print()
     print(f"wrote {', '.join(str(p) for p in outputs.files.values())}")
     print(f"{name} finished in {time.perf_counter() - t0:.1f}s ({len(outputs.ran)} runs done now, "
-          f"the others reused from {outputs.files['results']})")
+          "the others reused from the results file)")
     return outputs
 
 
