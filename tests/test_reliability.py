@@ -345,8 +345,8 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, synthetic_file):
 def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     cmd = [sys.executable, "-m", "avgalign", "demo", "--quick", "--out", str(out),
-           "--cache-dir", str(cache), "--betas", "0.1", "0.3", "1"]
-    results = out / "results.jsonl"
+           "--cache-dir", str(cache), "--betas", "0.1", "0.3", "1", "--length-biases", "0.3"]
+    results = out / "length-bias-0.3" / "results.jsonl"
     proc = run_until(cmd, results, step=3, sig=signal.SIGKILL, timeout=300)
     assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
     before = [json.loads(line)["key"] for line in results.read_text().splitlines()

@@ -32,13 +32,13 @@ from avgalign.toy.world import (
     split_tasks,
 )
 
-TASK = Task("fruit", 3, "fig")  # "list 3 fruit except fig :"
+TASK = Task("fruit", 3, "fr04")  # "list 3 fruit except fr04 :"
 
 # ----------------------------------------------------------------------------------- oracle
 
 
 def test_oracle_has_an_interior_optimum_at_n():
-    items = ["apple", "pear", "plum", "kiwi", "lime", "grape"]
+    items = ["fr01", "fr02", "fr03", "fr05", "fr06", "fr07"]
     scores = [oracle_score(TASK, items[:k]) for k in range(len(items) + 1)]
     # 0..3 hits, then one error per extra item: (hits - errors) / n
     assert scores == pytest.approx([0, 1 / 3, 2 / 3, 1, 2 / 3, 1 / 3, 0])
@@ -49,10 +49,10 @@ def test_oracle_has_an_interior_optimum_at_n():
 
 
 @pytest.mark.parametrize("words,hits,errors", [
-    (["apple", "fig", "pear"], 2, 1),  # the excluded item
-    (["apple", "apple", "pear"], 2, 1),  # a repeat
-    (["apple", "cat", "pear"], 2, 1),  # another topic
-    (["um", "apple", "pear", "plum"], 3, 1),  # a filler
+    (["fr01", "fr04", "fr02"], 2, 1),  # the excluded item
+    (["fr01", "fr01", "fr02"], 2, 1),  # a repeat
+    (["fr01", "an01", "fr02"], 2, 1),  # another topic
+    (["um", "fr01", "fr02", "fr03"], 3, 1),  # a filler
     ([], 0, 0),
 ])
 def test_oracle_counts_errors(words, hits, errors):
@@ -60,9 +60,9 @@ def test_oracle_counts_errors(words, hits, errors):
 
 
 def test_prompt_round_trip():
-    assert TASK.prompt == "list 3 fruit except fig :"
+    assert TASK.prompt == "list 3 fruit except fr04 :"
     assert parse_prompt("<bos> " + TASK.prompt) == TASK
-    for bad in ("list 3 fruit :", "list 3 car except fig :", "list 3 fruit except cat :"):
+    for bad in ("list 3 fruit :", "list 3 car except fr04 :", "list 3 fruit except an01 :"):
         with pytest.raises(ValueError):
             parse_prompt(bad)
 
@@ -78,8 +78,24 @@ def test_task_split_is_seeded_and_disjoint():
 def test_demonstrations_have_varied_lengths_and_are_seeded():
     demos = [sample_demo(TASK, DemoNoise(), random.Random(i)) for i in range(200)]
     lengths = {len(d) for d in demos}
-    assert min(lengths) >= 1 and len(lengths) >= 5
+    assert min(lengths) >= 1 and len(lengths) >= 4
     assert sample_demo(TASK, DemoNoise(), random.Random(3)) == demos[3]
+
+
+def test_length_is_a_real_axis_of_the_demonstrations():
+    """Over the default n range (2..40), demonstration lengths spread over an order of magnitude:
+    mean >= 15, sd >= half the mean, from a few words to 60 and more."""
+    rng = random.Random(0)
+    tasks = all_tasks(2, 40)
+    lengths = [len(sample_demo(rng.choice(tasks), DemoNoise(), rng)) + 1 for _ in range(4000)]
+    mean = sum(lengths) / len(lengths)
+    sd = (sum((x - mean) ** 2 for x in lengths) / len(lengths)) ** 0.5
+    assert mean >= 15 and sd >= mean / 2
+    assert min(lengths) <= 3 and max(lengths) >= 60
+    # the spread is a share of n: long answers miss the ideal length by more words
+    short = [len(sample_demo(Task("fruit", 4, "fr04"), DemoNoise(), rng)) for _ in range(500)]
+    long = [len(sample_demo(Task("fruit", 36, "fr04"), DemoNoise(), rng)) for _ in range(500)]
+    assert max(long) - min(long) > 3 * (max(short) - min(short))
 
 
 # -------------------------------------------------------------------------------- annotator
@@ -124,8 +140,8 @@ def test_tokenizer_round_trips_and_reloads(tmp_path):
     ids = tok(TASK.prompt)["input_ids"]
     assert ids[0] == tok.bos_token_id and len(ids) == 1 + len(TASK.prompt.split())
     assert tok.decode(ids, skip_special_tokens=True) == TASK.prompt
-    completion = tok.convert_tokens_to_ids(["apple", "pear", EOS])
-    assert tok.decode(completion, skip_special_tokens=True) == "apple pear"
+    completion = tok.convert_tokens_to_ids(["fr01", "fr02", EOS])
+    assert tok.decode(completion, skip_special_tokens=True) == "fr01 fr02"
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(TASK.prompt)["input_ids"] == ids
@@ -149,45 +165,74 @@ def test_world_is_cached_and_deterministic(quick, tmp_path):
     world = build_world(quick.world, quick.cache_dir, progress=False)
     again = build_world(quick.world, quick.cache_dir, progress=False)
     assert again.from_cache and again.path == world.path
-    assert again.train_pairs == world.train_pairs
-    stats = world.stats["train_pairs"]
-    assert stats["pairs"] == len(world.train_pairs) > 0
-    assert 0.0 <= stats["chosen_longer_share"] <= 1.0
+    assert again.train_rows == world.train_rows
+    assert world.stats["train_pairs"] == len(world.train_rows) > 0
     assert world.stats["sft_sample_length"]["std"] > 0.5  # the SFT policy's lengths vary
     policy = AutoModelForCausalLM.from_pretrained(world.model_dir)
     fresh = build_world(quick.world, tmp_path, progress=False)  # same config, built again
     assert not fresh.from_cache
-    assert fresh.train_pairs == world.train_pairs
+    assert fresh.train_rows == world.train_rows
     sft_log = [json.loads(x) for x in (fresh.path / "sft.metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft_log] == list(range(1, quick.world.sft.steps + 1))
     assert fingerprint_model(fresh.load_policy()) == fingerprint_model(policy)
     other = build_world(dataclasses.replace(quick.world, seed=1), tmp_path, progress=False)
-    assert other.path != fresh.path and other.train_pairs != fresh.train_pairs
+    assert other.path != fresh.path and other.train_rows != fresh.train_rows
+
+
+def test_annotators_label_the_same_pairs_with_the_same_coin_flips(quick):
+    """Length bias is the only difference between two labellings: every pair is the same two
+    completions, and a pair labelled differently goes to the longer completion under bias."""
+    world = build_world(quick.world, quick.cache_dir, progress=False)
+    fair = world.preferences(AnnotatorConfig(temperature=0.2, length_bias=0.0))
+    biased = world.preferences(AnnotatorConfig(temperature=0.2, length_bias=2.0))
+    assert world.preferences(fair.annotator).train_pairs == fair.train_pairs  # deterministic
+    flipped = 0
+    for f, b in zip(fair.train_pairs, biased.train_pairs, strict=True):
+        assert {tuple(f.chosen_ids), tuple(f.rejected_ids)} == {
+            tuple(b.chosen_ids), tuple(b.rejected_ids)}
+        if f.chosen_ids != b.chosen_ids:
+            flipped += 1
+            assert len(b.chosen_ids) > len(b.rejected_ids)  # the same coin, a longer favourite
+    assert flipped > 0
+    assert biased.stats["chosen_longer_share"] > fair.stats["chosen_longer_share"] + 0.2
+    assert fair.stats["unbiased_longer_share"] == pytest.approx(
+        biased.stats["unbiased_longer_share"])
 
 
 def test_quick_demo_end_to_end_is_deterministic_and_resumable(quick, tmp_path):
     threads = torch.get_num_threads()
-    first_cfg = dataclasses.replace(quick, out=str(tmp_path / "a"))
-    first = run_demo(first_cfg)
-    for name in ("results", "table", "plot", "report"):
+    cfg = dataclasses.replace(quick, seeds=(0, 1), length_biases=(0.0, 1.0),
+                              out=str(tmp_path / "a"))
+    first = run_demo(cfg)
+    for name in ("report", "numbers", "length_plot", "kl_plot"):
         assert first.files[name].is_file() and first.files[name].stat().st_size > 0
-    assert len(first.rows) == 2 and first.baseline is not None
-    for row in first.rows:
-        for field in ("loss", "aggregation", "beta", "length_mean", "score", "score_lo",
-                      "win_rate", "win_lo", "kl", "train_seconds"):
-            assert row[field] is not None, field
+    assert list(first.settings) == ["length-bias-0", "length-bias-1"]
+    for setting in first.settings.values():
+        assert len(setting.rows) == 4 and setting.baseline is not None  # 2 curves x 2 seeds
+        assert sorted(r["seed"] for r in setting.rows) == [0, 0, 1, 1]
+        for row in setting.rows:
+            for field in ("loss", "aggregation", "beta", "length_mean", "score", "score_lo",
+                          "win_rate", "win_lo", "kl", "train_seconds"):
+                assert row[field] is not None, field
+            assert len(row["per_prompt"]["score"]) == quick.eval.num_prompts
+        # runs of different seeds draw different evaluation samples
+        by_seed = {r["seed"]: r for r in setting.rows if r["aggregation"] == "sum"}
+        assert by_seed[0]["per_prompt"] != by_seed[1]["per_prompt"]
     report = first.files["report"].read_text()
-    assert "Verdict:" in report and "dpo/mean/beta_sum=0.1" in report
+    assert "dpo/mean vs sum, same beta_sum" in report and "## Length bias as the cause" in report
+    numbers = json.loads(first.files["numbers"].read_text())
+    assert numbers["seeds"] == [0, 1]
 
-    second = run_demo(dataclasses.replace(quick, out=str(tmp_path / "b")))
+    second = run_demo(dataclasses.replace(cfg, out=str(tmp_path / "b")))
     assert second.world.from_cache
     strip = lambda row: {k: v for k, v in row.items() if k not in VOLATILE_FIELDS}  # noqa: E731
-    assert [strip(r) for r in second.rows] == [strip(r) for r in first.rows]
-    assert strip(second.baseline) == strip(first.baseline)
-    assert all(r["reference_from_cache"] for r in second.rows)  # reference log-probs reused
+    for name, setting in first.settings.items():
+        assert [strip(r) for r in second.settings[name].rows] == [strip(r) for r in setting.rows]
+    assert second.report == first.report  # fixed seeds: the same tables and findings
+    assert all(r["reference_from_cache"] for r in second.settings["length-bias-0"].rows)
 
-    resumed = run_demo(first_cfg)
-    assert resumed.ran == [] and resumed.rows == first.rows
+    resumed = run_demo(cfg)
+    assert resumed.ran == [] and resumed.report == first.report
     assert torch.get_num_threads() == threads  # the demo's single thread was given back
 
 
@@ -197,12 +242,18 @@ def test_cli_flags_reach_the_config():
     args = parser.parse_args([
         "demo", "--quick", "--out", "o", "--losses", "ipo", "--aggregations", "sum", "power",
         "--betas", "0.2", "0.5", "--alphas", "0.25", "--seed", "3", "--num-prompts", "5",
-        "--samples-per-prompt", "3", "--no-cache",
+        "--samples-per-prompt", "3", "--no-cache", "--seeds", "4", "5", "--length-biases", "0",
     ])
     cfg = config_from_args(args)
+    assert (cfg.seeds, cfg.length_biases) == ((4, 5), (0.0,))
     assert (cfg.out, cfg.losses, cfg.aggregations) == ("o", ("ipo",), ("sum", "power"))
     assert (cfg.betas, cfg.alphas, cfg.world.seed) == ((0.2, 0.5), (0.25,), 3)
     assert (cfg.eval.num_prompts, cfg.eval.samples_per_prompt, cfg.rebuild) == (5, 3, True)
     assert cfg.world == dataclasses.replace(quick_config().world, seed=3)
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--losses", "nope"])
+    full = config_from_args(parser.parse_args(["demo", "--full"]))
+    assert (full.out, full.seeds, full.length_biases) == ("runs/demo-full", (0, 1, 2), (0.0, 0.3))
+    assert full.aggregations == ("sum", "mean", "power") and len(full.betas) == 5
+    with pytest.raises(SystemExit):
+        config_from_args(parser.parse_args(["demo", "--full", "--quick"]))

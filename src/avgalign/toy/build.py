@@ -1,19 +1,25 @@
-"""Building the toy world once and caching it: tokenizer, SFT policy and labelled preference pairs.
+"""Building the toy world once and caching it: tokenizer, SFT policy and pairs of SFT samples.
 
-    build_world(cfg, cache_dir) -> World
+    world = build_world(cfg, cache_dir)
+    prefs = world.preferences(AnnotatorConfig(length_bias=0.3))   # labelled pairs, in memory
 
 Steps (all seeded by cfg.seed): split the tasks into train and held-out prompts; train the SFT
 policy on noisy demonstrations of train tasks; sample two completions per train prompt from the
-SFT policy (the real `generate` path, via avgalign.evaluation); let the annotator label each pair.
+SFT policy (the real `generate` path, via avgalign.evaluation), scored by the oracle.
+
+Labelling is not part of the cached build: an annotator labels the cached pairs in a blink, with
+one uniform draw per pair taken from a stream that does not depend on the annotator. So annotators
+that differ only in their length bias label the very same pairs with the same coin flips, and a
+comparison between them isolates the bias.
 
 The result lives in `<cache_dir>/world-<hash of cfg>/`, written to a temporary folder and renamed
 when complete, so a killed build leaves no half-world behind and any config change builds anew:
 
     sft/                tokenizer and model (save_pretrained; reload with AutoTokenizer and
                         AutoModelForCausalLM)
-    pairs.train.jsonl   one labelled pair per line: texts, token ids, oracle scores
+    pairs.train.jsonl   one pair of SFT samples per line (a, b): texts, token ids, oracle scores
     pairs.eval.jsonl    the same for held-out prompts (the trainer's held-out reward accuracy)
-    world.json          the config and what the build measured (length bias, SFT lengths, ...)
+    world.json          the config and what the build measured (SFT lengths and scores, ...)
     sft.metrics.jsonl   the SFT loss and learning rate of every step
 """
 
@@ -51,23 +57,23 @@ from .world import (
 )
 
 # bump when a code change alters what a given config builds, so old caches are not reused
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
     n_min: int = 2
-    n_max: int = 7
+    n_max: int = 40
     test_fraction: float = 0.25  # share of (topic, n, excluded) combinations held out
     error_penalty: float = 1.0  # oracle: cost of an error relative to a hit
     noise: DemoNoise = field(default_factory=DemoNoise)
-    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     model: ModelSize = field(default_factory=ModelSize)
     sft: SFTConfig = field(default_factory=SFTConfig)
     num_pairs: int = 4096  # training preference pairs (one per sampled train prompt)
     num_eval_pairs: int = 256  # held-out preference pairs
-    max_new_tokens: int = 24  # cap on sampled completions (the longest demo is n_max + 5 tokens)
+    # cap on sampled completions: 2 x n_max covers the demonstrations' spread (exp(2 sigma) = 2.0)
+    max_new_tokens: int = 80
 
     def fingerprint(self) -> str:
         text = json.dumps({"version": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -75,12 +81,22 @@ class WorldConfig:
 
 
 @dataclass
+class Preferences:
+    """The world's pairs as one annotator labelled them, with what the labels show."""
+
+    annotator: AnnotatorConfig
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    stats: dict[str, Any]  # length bias and oracle agreement of the labels (LengthBiasReport)
+
+
+@dataclass
 class World:
     config: WorldConfig
     path: Path
     tokenizer: Any
-    train_pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
+    train_rows: list[dict[str, Any]]  # unlabelled pairs of SFT samples (a, b)
+    eval_rows: list[dict[str, Any]]
     test_tasks: list[Task]  # held-out prompts for evaluation, in a fixed seeded order
     stats: dict[str, Any]
     from_cache: bool
@@ -95,6 +111,14 @@ class World:
 
         return AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
 
+    def preferences(self, annotator: AnnotatorConfig) -> Preferences:
+        """The pairs labelled by `annotator`: pair i is decided by the i-th draw of a stream seeded
+        by the world alone, whatever the annotator."""
+        train, train_stats = label_pairs(
+            self.train_rows, annotator, sub_seed(self.config.seed, "labels.train"))
+        evals, _ = label_pairs(self.eval_rows, annotator, sub_seed(self.config.seed, "labels.eval"))
+        return Preferences(annotator, train, evals, train_stats)
+
 
 def _encode(tokenizer, words: list[str]) -> list[int]:
     return [*tokenizer.convert_tokens_to_ids(words), tokenizer.eos_token_id]
@@ -103,48 +127,52 @@ def _encode(tokenizer, words: list[str]) -> list[int]:
 def _sample_pairs(
     model, tokenizer, tasks: list[Task], cfg: WorldConfig, seed: int, progress: bool
 ) -> list[dict[str, Any]]:
-    """Two SFT samples per task, labelled by the annotator; identical pairs dropped (no signal)."""
+    """Two SFT samples per task, scored by the oracle; identical pairs dropped (no signal)."""
     samples = generate_completions(
         model, tokenizer, [t.prompt for t in tasks], num_samples=2,
         max_new_tokens=cfg.max_new_tokens, batch_size=512, seed=seed, progress=progress,
     )
-    rng = random.Random(seed)
     rows = []
     for task, a, b in zip(tasks, samples[0::2], samples[1::2], strict=True):
         if a.token_ids == b.token_ids:
             continue
-        score_a = oracle_score(task, a.text.split(), cfg.error_penalty)
-        score_b = oracle_score(task, b.text.split(), cfg.error_penalty)
-        first = prefers_first(score_a, score_b, a.num_tokens, b.num_tokens, cfg.annotator, rng)
-        chosen, rejected = (a, b) if first else (b, a)
         rows.append({
             "prompt": task.prompt,
-            "chosen": chosen.text,
-            "rejected": rejected.text,
             "prompt_ids": a.prompt_ids,
-            "chosen_ids": chosen.token_ids,
-            "rejected_ids": rejected.token_ids,
-            "chosen_score": score_a if first else score_b,
-            "rejected_score": score_b if first else score_a,
+            "a": a.text,
+            "b": b.text,
+            "a_ids": a.token_ids,
+            "b_ids": b.token_ids,
+            "a_score": oracle_score(task, a.text.split(), cfg.error_penalty),
+            "b_score": oracle_score(task, b.text.split(), cfg.error_penalty),
         })
     return rows
 
 
-def _pair_stats(rows: list[dict[str, Any]], annotator: AnnotatorConfig) -> dict[str, Any]:
-    report = length_bias_report(
-        [len(r["chosen_ids"]) for r in rows], [len(r["rejected_ids"]) for r in rows],
-        [r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows], annotator,
-    )
-    return dataclasses.asdict(report)
+def label_pairs(
+    rows: list[dict[str, Any]], annotator: AnnotatorConfig, seed: int
+) -> tuple[list[TokenizedPair], dict[str, Any]]:
+    """(chosen, rejected) pairs as `annotator` labels `rows`, and the labels' length-bias report."""
+    rng = random.Random(seed)
+    pairs, chosen, rejected = [], [], []
+    for r in rows:
+        first = prefers_first(r["a_score"], r["b_score"], len(r["a_ids"]), len(r["b_ids"]),
+                              annotator, rng)
+        c, j = ("a", "b") if first else ("b", "a")
+        pairs.append(TokenizedPair(r["prompt_ids"], r[f"{c}_ids"], r[f"{j}_ids"]))
+        chosen.append(r[c + "_score"])
+        rejected.append(r[j + "_score"])
+    report = length_bias_report([len(p.chosen_ids) for p in pairs],
+                                [len(p.rejected_ids) for p in pairs], chosen, rejected, annotator)
+    return pairs, dataclasses.asdict(report)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _read_pairs(path: Path) -> list[TokenizedPair]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def _build(cfg: WorldConfig, folder: Path, say: Callable[[str], None], progress: bool) -> dict:
@@ -173,8 +201,8 @@ def _build(cfg: WorldConfig, folder: Path, say: Callable[[str], None], progress:
     model.save_pretrained(folder / "sft", safe_serialization=True)
     tokenizer.save_pretrained(folder / "sft")
 
-    say(f"toy world: sampling {cfg.num_pairs} + {cfg.num_eval_pairs} preference pairs from the "
-        "SFT policy, labelled by the annotator")
+    say(f"toy world: sampling {cfg.num_pairs} + {cfg.num_eval_pairs} pairs of completions from "
+        "the SFT policy")
     t0 = time.perf_counter()
     pair_tasks = rng.choices(train_tasks, k=cfg.num_pairs)
     eval_tasks = rng.choices(test_tasks, k=cfg.num_eval_pairs)
@@ -187,8 +215,8 @@ def _build(cfg: WorldConfig, folder: Path, say: Callable[[str], None], progress:
     _write_jsonl(folder / "pairs.train.jsonl", train_rows)
     _write_jsonl(folder / "pairs.eval.jsonl", eval_rows)
 
-    lengths = [len(r[k]) for r in train_rows for k in ("chosen_ids", "rejected_ids")]
-    scores = [r[k] for r in train_rows for k in ("chosen_score", "rejected_score")]
+    lengths = [len(r[k]) for r in train_rows for k in ("a_ids", "b_ids")]
+    scores = [r[k] for r in train_rows for k in ("a_score", "b_score")]
     return {
         "fingerprint": cfg.fingerprint(),
         "config": dataclasses.asdict(cfg),
@@ -199,8 +227,8 @@ def _build(cfg: WorldConfig, folder: Path, say: Callable[[str], None], progress:
         "sampling_seconds": time.perf_counter() - t0,
         "train_tasks": len(train_tasks),
         "test_tasks": len(test_tasks),
-        "train_pairs": _pair_stats(train_rows, cfg.annotator),
-        "eval_pairs": _pair_stats(eval_rows, cfg.annotator),
+        "train_pairs": len(train_rows),
+        "eval_pairs": len(eval_rows),
         # the SFT policy's own samples, as they enter the preference data
         "sft_sample_length": length_summary(lengths),
         "sft_sample_score": sum(scores) / len(scores),
@@ -239,8 +267,8 @@ def build_world(
         config=cfg,
         path=path,
         tokenizer=AutoTokenizer.from_pretrained(path / "sft"),
-        train_pairs=_read_pairs(path / "pairs.train.jsonl"),
-        eval_pairs=_read_pairs(path / "pairs.eval.jsonl"),
+        train_rows=_read_jsonl(path / "pairs.train.jsonl"),
+        eval_rows=_read_jsonl(path / "pairs.eval.jsonl"),
         test_tasks=test_tasks,
         stats=json.loads((path / "world.json").read_text()),
         from_cache=from_cache,

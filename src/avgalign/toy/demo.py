@@ -1,14 +1,18 @@
 """`avgalign demo`: the paper's length/score study end to end in the toy world, minutes on a CPU.
 
-    avgalign demo [--quick] [--out runs/demo] [--losses dpo ipo] [--betas 0.03 0.1 0.3] ...
+    avgalign demo            a subset of the design, under 5 minutes on 2 CPU cores
+    avgalign demo --full     the whole design (aggregations x betas x seeds x length bias)
+    avgalign demo [--out runs/demo] [--aggregations sum mean] [--betas 0.01 0.1] [--seeds 0 1] ...
     python -m avgalign.toy.demo ...            (the same, without the CLI)
 
-1. build the toy world, or reuse it from the cache (tokenizer, SFT policy, labelled pairs);
+1. build the toy world, or reuse it from the cache (tokenizer, SFT policy, pairs of SFT samples);
 2. sample the SFT policy on held-out prompts: the baseline every run is compared with;
-3. sweep (loss, aggregation, beta): each run trains a fresh copy of the SFT policy with
-   avgalign.train on the same pairs, then is sampled and scored on the same held-out prompts;
-4. write, under --out: results.jsonl (resumable), results.md, score_vs_length.png, report.md,
-   and runs/<run>/ (the trainer's metrics, the run's scored completions).
+3. for each length bias of the annotator, label the pairs, and sweep (loss, aggregation, beta,
+   training seed): each run trains a fresh copy of the SFT policy with avgalign.train, then is
+   sampled and scored on the same held-out prompts;
+4. write, under --out: per setting <setting>/results.jsonl (resumable) and results.md, and
+   runs/<run>/ (the trainer's metrics, the run's scored completions); over all settings
+   report.md, frontier.json, score_vs_length.png and score_vs_kl.png (avgalign.frontier).
 
 The world is cached in <cache>/world-<hash of its config>, <cache> being --cache-dir, else
 $AVGALIGN_CACHE/toy, else ~/.cache/avgalign/toy. Everything runs on one CPU thread: this is
@@ -24,25 +28,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import frontier
 from .. import sweep as engine
 from ..config import Config
 from ..evaluation import GenerationSettings, Scorer
 from ..losses import AGGREGATIONS, LOSSES
 from ..models import cache_root
-from ..study import RunSpec, mean_completion_length, plan_runs
-from .build import World, WorldConfig, build_world
+from ..study import RunSpec, mean_completion_length, plan_runs, results_table
+from .build import Preferences, World, WorldConfig, build_world
 from .sft import ModelSize, SFTConfig, single_thread
-from .world import TOPICS, Task, oracle_scorer, sub_seed
+from .world import TOPICS, AnnotatorConfig, Task, oracle_scorer, sub_seed
 
 # bump when a code change alters what a run measures, so old rows are not reused
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 
 @dataclass(frozen=True)
 class AlignConfig:
     """How every aligned run trains (avgalign.train); the loss and beta come from the grid."""
 
-    learning_rate: float = 1e-3
+    # with Adam, how far a run moves is set by learning rate x steps more than by beta; 1e-4 keeps
+    # the largest betas near the SFT policy (KL ~0.1-0.3), so the beta grid traces a frontier
+    learning_rate: float = 1e-4
     epochs: float = 1.0
     batch_size: int = 32
     warmup_ratio: float = 0.1
@@ -55,17 +62,21 @@ class EvalConfig:
 
     num_prompts: int = 64
     samples_per_prompt: int = 8
-    n_boot: int = 1000  # bootstrap resamples of the win-rate intervals
+    n_boot: int = 1000  # bootstrap resamples of the intervals
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
     cache_dir: str | None = None  # default: <avgalign cache>/toy
-    losses: tuple[str, ...] = ("dpo", "ipo")
+    losses: tuple[str, ...] = ("dpo",)
     aggregations: tuple[str, ...] = ("sum", "mean")
-    betas: tuple[float, ...] = (0.1, 0.3, 1.0)  # on the summed scale
+    betas: tuple[float, ...] = (0.03, 0.3, 3.0)  # on the summed scale
     alphas: tuple[float, ...] = (0.5,)  # used by aggregation "power" only
+    seeds: tuple[int, ...] = (0,)  # training seeds: every cell is trained once per seed
+    # the annotator's taste for length, in logits per token: one sweep per value
+    length_biases: tuple[float, ...] = (0.3,)
+    annotator_temperature: float = 0.2
     world: WorldConfig = field(default_factory=WorldConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -73,30 +84,47 @@ class DemoConfig:
     progress: bool = True
 
 
+def full_config() -> DemoConfig:
+    """The whole design (`avgalign demo --full`): three aggregations, a beta grid from near the
+    SFT policy to over-optimisation, three training seeds, the annotator's length bias off and
+    strong."""
+    return DemoConfig(
+        out="runs/demo-full",
+        aggregations=("sum", "mean", "power"),
+        betas=(0.03, 0.1, 0.3, 1.0, 3.0),
+        seeds=(0, 1, 2),
+        length_biases=(0.0, 0.3),
+    )
+
+
 def quick_config() -> DemoConfig:
     """A much smaller world and grid (tests, smoke runs): seconds instead of minutes."""
     return DemoConfig(
-        losses=("dpo",),
         betas=(0.1,),
         world=WorldConfig(
-            n_max=5,
-            model=ModelSize(hidden_size=32, intermediate_size=64),
+            n_max=8,
+            model=ModelSize(hidden_size=32, intermediate_size=64, max_positions=48),
             sft=SFTConfig(steps=150),
             num_pairs=256,
             num_eval_pairs=32,
-            max_new_tokens=12,
+            max_new_tokens=16,
         ),
         eval=EvalConfig(num_prompts=12, samples_per_prompt=2, n_boot=200),
     )
 
 
 @dataclass
-class DemoOutputs(engine.StudyOutputs):
+class DemoOutputs:
+    table: str  # the cells' table of the report
+    report: str
+    files: dict[str, Path]
+    settings: dict[str, frontier.Setting]  # by name (length bias)
+    ran: list[str]  # keys run this time (the others came from the results files)
     world: World
 
 
 def base_train_config(cfg: DemoConfig, world: World) -> Config:
-    """How every run trains; loss, beta and folders come from the run (run_train_config)."""
+    """How every run trains; loss, beta, seed and folders come from the run (run_train_config)."""
     config = Config()
     config.model.name = str(world.model_dir)
     a, t = cfg.align, config.train
@@ -143,39 +171,51 @@ def make_evaluator(world: World, cfg: DemoConfig, tasks: list[Task]) -> engine.E
     return evaluator
 
 
-def sweep_context(cfg: DemoConfig) -> str:
+def annotator(cfg: DemoConfig, length_bias: float) -> AnnotatorConfig:
+    return AnnotatorConfig(temperature=cfg.annotator_temperature, length_bias=length_bias)
+
+
+def setting_name(length_bias: float) -> str:
+    """The folder and label of one annotator setting."""
+    return f"length-bias-{length_bias:g}"
+
+
+def sweep_context(cfg: DemoConfig, labels: AnnotatorConfig) -> str:
     """What, besides its grid coordinates, shapes a run's row: a row of another context is not
     reused."""
     return engine.digest({
         "version": DEMO_VERSION, "world": cfg.world.fingerprint(),
+        "annotator": dataclasses.asdict(labels),
         "align": dataclasses.asdict(cfg.align), "eval": dataclasses.asdict(cfg.eval),
     })
 
 
 def plan_sweep(
-    cfg: DemoConfig, world: World, out: Path, evaluator: engine.Evaluator
+    cfg: DemoConfig, world: World, prefs: Preferences, out: Path, evaluator: engine.Evaluator
 ) -> engine.Sweep:
-    """Every run trains a fresh copy of the SFT policy on the world's pairs."""
-    mean_length = mean_completion_length(world.train_pairs)
-    specs = plan_runs(cfg.losses, cfg.aggregations, cfg.betas, mean_length, cfg.alphas)
+    """Every run trains a fresh copy of the SFT policy on the pairs as this annotator labelled
+    them; runs of training seed s draw their evaluation samples from stream s."""
+    mean_length = mean_completion_length(prefs.train_pairs)
+    specs = plan_runs(cfg.losses, cfg.aggregations, cfg.betas, mean_length, cfg.alphas,
+                      seeds=cfg.seeds)
     base = base_train_config(cfg, world)
 
     def config_for(spec: RunSpec, run_dir: Path) -> Config:
         return engine.run_train_config(base, spec, run_dir, world.path / "reference")
 
     return engine.Sweep(
-        out, specs, mean_length, sweep_context(cfg), evaluator,
-        engine.TrainData(world.tokenizer, world.train_pairs, world.eval_pairs),
+        out, specs, mean_length, sweep_context(cfg, prefs.annotator), evaluator,
+        engine.TrainData(world.tokenizer, prefs.train_pairs, prefs.eval_pairs),
         config_for=config_for, load_policy=lambda _config: world.load_policy(),
         progress=cfg.progress,
+        eval_seed=lambda spec: sub_seed(cfg.world.seed, f"eval.policy.seed={spec.seed}"),
     )
 
 
-def setting_lines(world: World, cfg: DemoConfig, baseline: dict, ideal: float,
-                  mean_length: float) -> list[str]:
+def world_lines(world: World, cfg: DemoConfig, baseline: dict, ideal: float) -> list[str]:
     """The measured facts of the world that the report states before its findings."""
     s, w = world.stats, world.config
-    pairs = s["train_pairs"]
+    sft = s["sft_sample_length"]
     return [
         f"Task: list n distinct items of a topic except one named item ({len(TOPICS)} topics, "
         f"n = {w.n_min}..{w.n_max}); oracle score = (hits - {w.error_penalty:g} x errors) / n, "
@@ -183,46 +223,67 @@ def setting_lines(world: World, cfg: DemoConfig, baseline: dict, ideal: float,
         f"used for evaluation x {cfg.eval.samples_per_prompt} samples (temperature 1).",
         f"SFT policy: a {s['parameters'] / 1e6:.2f}M-parameter Llama trained {w.sft.steps} steps "
         f"on noisy demonstrations (final loss {s['sft_loss_last']:.3f}).",
-        f"SFT generations on held-out prompts: length {baseline['length_mean']:.2f} tokens on "
-        f"average (sd {baseline['length_std']:.2f}, min {baseline['length_min']:.0f}, max "
-        f"{baseline['length_max']:.0f}); oracle-optimal mean length {ideal:.2f}.",
-        f"Preference data: {pairs['pairs']} pairs of SFT samples labelled by a Bradley-Terry "
-        f"annotator (temperature {w.annotator.temperature:g}, length bias "
-        f"{w.annotator.length_bias:g} logits/token). The chosen completion is the longer one in "
-        f"{pairs['chosen_longer_share']:.1%} of the {pairs['unequal']} pairs of unequal length "
-        f"(an annotator without length bias: {pairs['unbiased_longer_share']:.1%} expected); "
-        f"the annotator agrees with the oracle in {pairs['oracle_agreement']:.1%} of the pairs "
-        "the oracle can tell apart.",
-        engine.beta_calibration_line(mean_length),
+        f"Length is a real axis: the SFT samples in the preference data are {sft['mean']:.1f} "
+        f"tokens long on average (sd {sft['std']:.1f}, min {sft['min']:.0f}, max "
+        f"{sft['max']:.0f}); on the held-out prompts, {baseline['length_mean']:.1f} (sd "
+        f"{baseline['length_std']:.1f}), against an oracle-optimal mean length of {ideal:.1f}.",
+        f"Preference data: {s['train_pairs']} pairs of SFT samples (two per prompt), labelled by a "
+        f"Bradley-Terry annotator of temperature {cfg.annotator_temperature:g} with a length "
+        "bias in logits per token; each setting below labels the same pairs with the same coin "
+        "flips.",
         f"Training: {cfg.align.epochs:g} epoch(s), batch {cfg.align.batch_size} pairs, learning "
-        f"rate {cfg.align.learning_rate:g} ({cfg.align.scheduler}), from the same SFT policy on "
-        "the same pairs for every run.",
+        f"rate {cfg.align.learning_rate:g} ({cfg.align.scheduler}), from the same SFT policy for "
+        f"every run; training seeds {', '.join(map(str, cfg.seeds))} (the order of the pairs, "
+        "and the stream of the run's evaluation samples).",
     ]
+
+
+def label_line(prefs: Preferences, mean_length: float) -> str:
+    p = prefs.stats
+    return (
+        f"length bias {prefs.annotator.length_bias:g} logits/token: the chosen completion is the "
+        f"longer one in {p['chosen_longer_share']:.1%} of the {p['unequal']} pairs of unequal "
+        f"length (without length bias: {p['unbiased_longer_share']:.1%} expected); the labels "
+        f"agree with the oracle in {p['oracle_agreement']:.1%} of the pairs it can tell apart. "
+        + engine.beta_calibration_line(mean_length)
+    )
 
 
 def run_demo(cfg: DemoConfig) -> DemoOutputs:
     say = engine.reporter(cfg.progress)
     out = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "toy"
+    settings: dict[str, frontier.Setting] = {}
+    ran: list[str] = []
     with single_thread():
         t0 = time.perf_counter()
         world = build_world(cfg.world, cache_dir, rebuild=cfg.rebuild, progress=cfg.progress)
         say(f"world ready in {time.perf_counter() - t0:.1f}s")
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.rebuild:
-            (out / "results.jsonl").unlink(missing_ok=True)
         tasks = eval_tasks(world, cfg)
-        sweep = plan_sweep(cfg, world, out, make_evaluator(world, cfg, tasks))
-        say(f"sweep: {len(sweep.specs)} runs + SFT baseline, results in {sweep.results_path}")
-        result = sweep.run()
+        evaluator = make_evaluator(world, cfg, tasks)
+        for bias in cfg.length_biases:
+            name = setting_name(bias)
+            prefs = world.preferences(annotator(cfg, bias))
+            sub = out / name
+            sub.mkdir(parents=True, exist_ok=True)
+            if cfg.rebuild:
+                (sub / "results.jsonl").unlink(missing_ok=True)
+            sweep = plan_sweep(cfg, world, prefs, sub, evaluator)
+            say(f"{name}: {len(sweep.specs)} runs + SFT baseline, results in "
+                f"{sweep.results_path}")
+            result = sweep.run()
+            ran += [f"{name}/{key}" for key in result.ran]
+            (sub / "results.md").write_text(results_table(result.rows, result.baseline) + "\n")
+            settings[name] = frontier.Setting(name, result.rows, result.baseline,
+                                              label_line(prefs, sweep.mean_length))
     ideal = ideal_length(tasks)
-    outputs = engine.write_outputs(
-        out, result, title="Averaging vs summing log-likelihoods in the toy world",
-        plot_title="Toy world: oracle score against generation length",
-        setting=setting_lines(world, cfg, result.baseline, ideal, sweep.mean_length),
-        ideal_length=ideal,
+    first = next(iter(settings.values()))
+    written = frontier.write_study(
+        out, settings, n_boot=cfg.eval.n_boot, seed=cfg.world.seed,
+        title="Averaging vs summing log-likelihoods in the toy world",
+        setting=world_lines(world, cfg, first.baseline, ideal), ideal_length=ideal,
     )
-    return DemoOutputs(**vars(outputs), world=world)
+    return DemoOutputs(written.table, written.report, written.files, settings, ran, world)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -234,19 +295,28 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
         subparsers, "demo", doc=__doc__, func=run_demo_command,
         help="the length/score study end to end in a toy world with a known oracle (CPU, minutes)",
     )
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--full", action="store_true",
+                   help="the whole design: sum, mean and power 0.5 over a wide beta grid, 3 "
+                   "training seeds, length bias off and strong (~40 min on 2 CPU cores)")
+    p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-full with --full)")
     p.add_argument("--cache-dir", help="where the toy world is cached (default: "
                    "$AVGALIGN_CACHE/toy or ~/.cache/avgalign/toy)")
     p.add_argument("--losses", nargs="+", choices=sorted(LOSSES),
-                   help="losses to sweep (default: dpo ipo)")
+                   help="losses to sweep (default: dpo)")
     p.add_argument("--aggregations", nargs="+", choices=AGGREGATIONS,
-                   help="aggregations to sweep (default: sum mean)")
+                   help="aggregations to sweep (default: sum mean; --full: sum mean power)")
     p.add_argument("--betas", nargs="+", type=float,
                    help="betas on the summed scale; averaged runs use beta x mean length "
-                   "(default: 0.1 0.3 1)")
+                   "(default: 0.03 0.3 3; --full: 0.03 0.1 0.3 1 3)")
     p.add_argument("--alphas", nargs="+", type=float,
                    help="exponents for aggregation 'power' (default: 0.5)")
-    p.add_argument("--seed", type=int, help="seed of the world, the training and the sampling")
+    p.add_argument("--seeds", nargs="+", type=int,
+                   help="training seeds, each cell trained once per seed (default: 0; --full: "
+                   "0 1 2)")
+    p.add_argument("--length-biases", nargs="+", type=float,
+                   help="the annotator's length bias in logits per token, one sweep per value "
+                   "(default: 0.3; --full: 0 0.3)")
+    p.add_argument("--seed", type=int, help="seed of the world and its sampling")
     p.add_argument("--num-prompts", type=int, help="held-out prompts to evaluate on (default 64)")
     p.add_argument("--samples-per-prompt", type=int, help="samples per prompt (default 8)")
     p.add_argument("--quick", action="store_true",
@@ -258,12 +328,14 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    cfg = quick_config() if args.quick else DemoConfig()
-    cfg.out = args.out
+    if args.quick and args.full:
+        raise SystemExit("avgalign demo: --quick and --full exclude each other")
+    cfg = quick_config() if args.quick else full_config() if args.full else DemoConfig()
+    cfg.out = args.out or cfg.out
     cfg.cache_dir = args.cache_dir
     cfg.rebuild = args.no_cache
     cfg.progress = not args.quiet
-    for name in ("losses", "aggregations", "betas", "alphas"):
+    for name in ("losses", "aggregations", "betas", "alphas", "seeds", "length_biases"):
         if getattr(args, name):
             setattr(cfg, name, tuple(getattr(args, name)))
     if args.seed is not None:

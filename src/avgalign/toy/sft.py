@@ -49,14 +49,14 @@ class ModelSize:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 192
-    max_positions: int = 64
+    max_positions: int = 128
 
 
 @dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning on freshly sampled demonstrations, one batch per step."""
 
-    steps: int = 1500
+    steps: int = 300  # the loss is flat after ~200 (4.2 nats: mostly the choice among ~47 items)
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 50

@@ -2,11 +2,13 @@
 
 The task. A prompt asks for n distinct items of a topic, all but one named item:
 
-    prompt      "list 4 fruit except fig :"
-    ideal       "apple pear plum kiwi"  then EOS            (|y| = n + 1 tokens)
+    prompt      "list 4 fruit except fr07 :"
+    ideal       "fr12 fr03 fr30 fr41"  then EOS            (|y| = n + 1 tokens)
 
-Every word is one token of a word-level tokenizer (`build_tokenizer`), so lengths in words and in
-tokens differ only by the closing EOS.
+n runs from 2 to 40, so the ideal length spans more than an order of magnitude: length is a real
+axis of this world, as it is of real completions. Every word is one token of a word-level
+tokenizer (`build_tokenizer`), so lengths in words and in tokens differ only by the closing EOS.
+Each topic has ITEMS_PER_TOPIC made-up items (fr01..fr48 for fruit, an01.. for animal, ...).
 
 The oracle (the ground truth that real experiments never have) reads the completion left to right:
 a word is a *hit* if it is an item of the topic, not the excluded one, not said before, and fewer
@@ -19,12 +21,16 @@ Too short misses hits (-1/n per missing item), too long adds errors (-error_pena
 word): for a completion of correct items the score peaks at exactly n words, an interior optimum
 in length that depends on the prompt.
 
+The demonstrations (and so the SFT policy) miss the ideal length by a multiplicative factor,
+exp(N(0, length_sigma)), so two samples for the same prompt differ in length by a share of n.
+
 The annotator prefers completion a over b with the Bradley-Terry probability
 
     P(a > b) = sigmoid((r(x, a) - r(x, b)) / temperature + length_bias * (|a| - |b|))
 
 `temperature` is the annotator's noise (0 would be a perfect judge of the oracle) and
-`length_bias` (logits per token) its taste for longer answers, as real annotators have.
+`length_bias` (logits per token) its taste for longer answers, as real annotators have: the knob
+the study turns off and on.
 """
 
 from __future__ import annotations
@@ -36,20 +42,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+MAX_N = 40  # n is one token ("1" .. "40")
+ITEMS_PER_TOPIC = 48  # more than MAX_N + 1: the ideal answer always exists
 TOPICS: dict[str, tuple[str, ...]] = {
-    "fruit": ("apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach", "mango", "melon",
-              "lemon", "cherry", "date", "guava"),
-    "animal": ("cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee", "ant", "elk", "bear", "wolf",
-               "deer", "goat"),
-    "color": ("red", "blue", "green", "pink", "gray", "gold", "teal", "navy", "cyan", "tan",
-              "black", "white", "brown", "olive"),
-    "tool": ("saw", "drill", "hammer", "wrench", "pliers", "chisel", "file", "axe", "rake", "hoe",
-             "spade", "level", "clamp", "vise"),
+    topic: tuple(f"{topic[:2]}{i:02d}" for i in range(1, ITEMS_PER_TOPIC + 1))
+    for topic in ("fruit", "animal", "color", "tool")
 }
 FILLERS = ("um", "well", "also", "etc", "so")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 KEYWORDS = ("list", "except", ":")
-MAX_N = 9  # n is one digit, one token; every topic has more than MAX_N + 1 items
 
 
 def sub_seed(seed: int, stream: str) -> int:
@@ -181,14 +182,13 @@ def oracle_scorer(error_penalty: float = 1.0):
 class DemoNoise:
     """How the SFT demonstrations deviate from the ideal answer.
 
-    Length: n + offset words, offset drawn from `length_offsets` with `length_weights` (at least
-    one word). Each word is, with these probabilities, an item of another topic, a repeat (of an
-    earlier word, or the excluded item), a filler; otherwise a fresh allowed item (a filler when
-    none is left).
+    Length: round(n * exp(length_sigma * z)) words, z standard normal (at least one word): the
+    spread is a share of n, so long answers miss by more words than short ones. Each word is, with
+    these probabilities, an item of another topic, a repeat (of an earlier word, or the excluded
+    item), a filler; otherwise a fresh allowed item (a filler when none is left).
     """
 
-    length_offsets: tuple[int, ...] = (-3, -2, -1, 0, 1, 2, 3)
-    length_weights: tuple[float, ...] = (0.08, 0.12, 0.16, 0.28, 0.16, 0.12, 0.08)
+    length_sigma: float = 0.35
     wrong_topic: float = 0.06
     repeat: float = 0.02
     filler: float = 0.08
@@ -196,8 +196,7 @@ class DemoNoise:
 
 def sample_demo(task: Task, noise: DemoNoise, rng: random.Random) -> list[str]:
     """The words of one noisy demonstration for `task` (EOS not included)."""
-    offset = rng.choices(noise.length_offsets, weights=noise.length_weights)[0]
-    length = max(1, task.n + offset)
+    length = max(1, round(task.n * math.exp(noise.length_sigma * rng.gauss(0.0, 1.0))))
     others = [item for topic, items in TOPICS.items() if topic != task.topic for item in items]
     fresh = list(task.allowed)
     rng.shuffle(fresh)
