@@ -42,8 +42,9 @@ def _train(args: argparse.Namespace) -> None:
     if args.overwrite:
         overrides.append("train.overwrite=true")
     cfg = load_config(args.config, overrides)  # fully validated before any model is loaded
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give a dataset file or hub id (--data)")
+    if not (cfg.data.train or cfg.data.sources):
+        raise ConfigError("data.train is empty: give a dataset file or hub id (--data), or a "
+                          "list of data.sources")
     result = train(cfg)
     if not PartialState().is_main_process:
         return

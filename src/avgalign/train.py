@@ -49,9 +49,10 @@ from .checkpoint import (
 from .config import Config, ConfigError
 from .data import (
     DataError,
+    LoadReport,
     PreferenceExample,
     TokenizedPair,
-    load_preferences,
+    load_data,
     prompt_rendering,
     tokenize_pairs,
     write_heldout,
@@ -339,7 +340,8 @@ def adamw(params: list, lr: float, weight_decay: float, device: torch.device):
 
 def check_pair_counts(cfg: Config, train_pairs: list, eval_pairs: list) -> None:
     """One-line errors, naming the data and the key to change, for data too small to train on."""
-    source = cfg.data.train or "the training pairs"
+    source = (cfg.data.train or " + ".join(s.path for s in cfg.data.sources)
+              or "the training pairs")
     if not train_pairs:
         raise DataError(source, "no usable training pairs (see the skipped records above)")
     if len(train_pairs) < cfg.train.batch_size:
@@ -366,18 +368,12 @@ class LoadedData:
 def load_pairs(
     cfg: Config, tokenizer, accelerator: Accelerator, data_report: dict | None = None
 ) -> LoadedData:
-    """Training and held-out pairs from the configured sources. What was skipped, warned about
-    and truncated is printed and, per source, added to `data_report` (for the run summary)."""
+    """Training and held-out pairs from the configured sources (`data.train`, or the mix of
+    `data.sources` drawn with train.seed; see data.load_data). What was skipped, warned about and
+    truncated is printed and, per source, added to `data_report` (for the run summary)."""
     examples: list[PreferenceExample] = []
 
-    def load(source: str) -> tuple[list[TokenizedPair], list[PreferenceExample]]:
-        report = load_preferences(
-            source,
-            split=cfg.data.split,
-            tokenizer=tokenizer,
-            on_error=cfg.data.on_error,
-            limit=cfg.data.limit if source == cfg.data.train else None,
-        )
+    def tokenize(report: LoadReport) -> tuple[list[TokenizedPair], list[PreferenceExample]]:
         pairs, truncation = tokenize_pairs(
             report.examples,
             tokenizer,
@@ -391,7 +387,7 @@ def load_pairs(
         if accelerator.is_main_process:
             print(f"{report.summary()}\n  tokenised: {truncation.summary()}")
         if data_report is not None:
-            data_report[source] = {
+            data_report[report.source] = {
                 "records": report.records,
                 "pairs": len(pairs),
                 "skipped": [f"{loc}: {why}" for loc, why in report.skipped],
@@ -405,8 +401,14 @@ def load_pairs(
             }
         return pairs, kept
 
-    train_pairs, train_examples = load(cfg.data.train)
-    eval_pairs, eval_examples = load(cfg.data.eval) if cfg.data.eval else ([], [])
+    train_reports, held_report = load_data(cfg.data, tokenizer=tokenizer, seed=cfg.train.seed)
+    train_pairs: list[TokenizedPair] = []
+    train_examples: list[PreferenceExample] = []
+    for report in train_reports:  # one per source, in the order of data.sources
+        pairs, kept = tokenize(report)
+        train_pairs += pairs
+        train_examples += kept
+    eval_pairs, eval_examples = tokenize(held_report) if held_report else ([], [])
     rendering = prompt_rendering(examples, tokenizer) if examples else None
     n_eval = 0 if cfg.data.eval else int(round(cfg.data.eval_fraction * len(train_pairs)))
     if n_eval:
