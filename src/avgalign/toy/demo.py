@@ -73,7 +73,7 @@ class DemoConfig:
     aggregations: tuple[str, ...] = ("sum", "mean")
     betas: tuple[float, ...] = (0.03, 0.3, 3.0)  # on the summed scale
     alphas: tuple[float, ...] = (0.5,)  # used by aggregation "power" only
-    seeds: tuple[int, ...] = (0,)  # training seeds: every cell is trained once per seed
+    seeds: tuple[int, ...] = (0, 1)  # training seeds: every cell is trained once per seed
     # the annotator's taste for length, in logits per token: one sweep per value
     length_biases: tuple[float, ...] = (0.3,)
     annotator_temperature: float = 0.2
@@ -311,7 +311,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--alphas", nargs="+", type=float,
                    help="exponents for aggregation 'power' (default: 0.5)")
     p.add_argument("--seeds", nargs="+", type=int,
-                   help="training seeds, each cell trained once per seed (default: 0; --full: "
+                   help="training seeds, each cell trained once per seed (default: 0 1; --full: "
                    "0 1 2)")
     p.add_argument("--length-biases", nargs="+", type=float,
                    help="the annotator's length bias in logits per token, one sweep per value "
