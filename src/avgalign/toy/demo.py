@@ -101,6 +101,7 @@ def quick_config() -> DemoConfig:
     """A much smaller world and grid (tests, smoke runs): seconds instead of minutes."""
     return DemoConfig(
         betas=(0.1,),
+        seeds=(0,),
         world=WorldConfig(
             n_max=8,
             model=ModelSize(hidden_size=32, intermediate_size=64, max_positions=48),
