@@ -168,8 +168,14 @@ class Matched:
     average: Estimate
 
 
-def _interp_reps(xs: np.ndarray, ys: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Per replicate (rows of xs, ys [B, K]) the piecewise-linear y at `at` [G] -> [B, G]."""
+def _rows(cells: list[Cell], metric: str) -> np.ndarray:
+    """[1 + B, K]: the cells' point estimates in row 0, their bootstrap replicates below."""
+    return np.stack([np.concatenate([[c.values[metric].point], c.values[metric].reps])
+                     for c in cells], axis=1)
+
+
+def _interp_rows(xs: np.ndarray, ys: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Row by row (xs, ys [R, K]), the piecewise-linear y at `at` [G], x sorted -> [R, G]."""
     order = np.argsort(xs, axis=1)
     xs, ys = np.take_along_axis(xs, order, 1), np.take_along_axis(ys, order, 1)
     return np.stack([np.interp(at, x, y) for x, y in zip(xs, ys, strict=True)])
@@ -177,42 +183,22 @@ def _interp_reps(xs: np.ndarray, ys: np.ndarray, at: np.ndarray) -> np.ndarray:
 
 def matched(curve: list[Cell], against: list[Cell], baseline: Cell, x: str, y: str
             ) -> Matched | None:
-    """`curve` - `against` in y at matched x; None when the curves share no range of x."""
-    def arrays(cs: list[Cell]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        cs = [baseline, *cs]
-        def point(m: str) -> np.ndarray:
-            return np.array([c.values[m].point for c in cs])
-
-        def reps(m: str) -> np.ndarray:
-            return np.stack([c.values[m].reps for c in cs], 1)
-
-        return point(x), point(y), reps(x), reps(y)
-
-    xa, ya, xa_r, ya_r = arrays(curve)
-    xb, yb, xb_r, yb_r = arrays(against)
-    lo, hi = max(xa.min(), xb.min()), min(xa.max(), xb.max())
+    """`curve` - `against` in y at matched x, both curves starting from the baseline; None when
+    the curves share no range of x."""
+    xa, ya = _rows([baseline, *curve], x), _rows([baseline, *curve], y)
+    xb, yb = _rows([baseline, *against], x), _rows([baseline, *against], y)
+    lo, hi = max(xa[0].min(), xb[0].min()), min(xa[0].max(), xb[0].max())
     if not hi > lo:
         return None
     at = np.array([lo + f * (hi - lo) for f in GRID])
+    at_diff = _interp_rows(xa, ya, at) - _interp_rows(xb, yb, at)
     dense = np.linspace(lo, hi, AVERAGE_POINTS)
-
-    def diff(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        point = (np.interp(points, *_sorted(xa, ya)) - np.interp(points, *_sorted(xb, yb)))
-        reps = _interp_reps(xa_r, ya_r, points) - _interp_reps(xb_r, yb_r, points)
-        return point, reps
-
-    point, reps = diff(at)
-    avg_point, avg_reps = diff(dense)
+    average = (_interp_rows(xa, ya, dense) - _interp_rows(xb, yb, dense)).mean(axis=1)
     return Matched(
         curve[0].curve, x, y, (float(lo), float(hi)),
-        [(float(v), Estimate(float(p), reps[:, i])) for i, (v, p) in enumerate(zip(at, point))],
-        Estimate(float(avg_point.mean()), avg_reps.mean(axis=1)),
+        [(float(v), Estimate(float(at_diff[0, i]), at_diff[1:, i])) for i, v in enumerate(at)],
+        Estimate(float(average[0]), average[1:]),
     )
-
-
-def _sorted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(x)
-    return x[order], y[order]
 
 
 def same_beta(curve: list[Cell], against: list[Cell]) -> list[tuple[float, dict[str, Estimate]]]:
