@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import SHARED_DATA
 from transformers import AutoModelForCausalLM
 
-from avgalign.cli import main
+from avgalign import commands
+from avgalign.cli import build_parser, main
 
 HH = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
@@ -122,34 +125,90 @@ def test_smollm2_on_hh_trains_and_saves(tmp_path):
     assert model.config.model_type == "llama"
 
 
-def test_help_and_version_import_no_torch():
-    """`avgalign --help` lists every subcommand without importing torch (issue 12: well under a
-    second); the subcommand that runs gets its whole parser."""
-    import subprocess
-    import sys
+SUBCOMMANDS = ["train", "data-stats", "evaluate", "reward-model", "study", "demo"]
+# prints what the CLI prints for argv, then which heavy modules the process imported
+HELP_PROBE = """\
+import sys
+from avgalign.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("imported:", [m for m in ("torch", "transformers", "accelerate") if m in sys.modules])
+"""
 
-    probe = (
-        "import sys\n"
-        "from avgalign.cli import build_parser\n"
-        "parser = build_parser(['--help'])\n"
-        "print(sorted(parser._subparsers._group_actions[0].choices))\n"
-        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    names, heavy = out.stdout.splitlines()
-    commands = ["train", "data-stats", "evaluate", "reward-model", "study", "demo"]
-    assert names == str(sorted(commands))
-    assert heavy == "False False"
+
+def run_cli_alone(*argv: str) -> list[str]:
+    """stdout of `avgalign ARGV` in a fresh interpreter, so that no test's imports count."""
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_imports_no_torch(command):
+    """`avgalign <subcommand> --help` prints its whole usage without importing torch, transformers
+    or accelerate (issue 12: well under a second); only the subcommand that runs imports them."""
+    lines = run_cli_alone(command, "--help")
+    assert lines[0].startswith(f"usage: avgalign {command} ")
+    assert lines[-1] == "imported: []"
+
+
+def test_help_and_version_import_no_torch():
+    lines = run_cli_alone("--help")
+    assert lines[0].startswith("usage: avgalign ")
+    assert "{" + ",".join(SUBCOMMANDS) + "}" in "\n".join(lines)
+    assert lines[-1] == "imported: []"
     version = subprocess.run([sys.executable, "-m", "avgalign", "--version"], capture_output=True,
                              text=True, check=True)
     assert version.stdout.strip().startswith("avgalign 0.")
 
 
-def test_the_running_subcommand_gets_its_whole_parser():
-    from avgalign.cli import build_parser
+@pytest.mark.parametrize(
+    "copy,original",
+    [
+        ("LOSS_NAMES", lambda: tuple(sorted(importlib.import_module("avgalign.losses").LOSSES))),
+        ("AGGREGATIONS", lambda: importlib.import_module("avgalign.losses").AGGREGATIONS),
+        ("CHAT_TEMPLATE_CHOICES",
+         lambda: importlib.import_module("avgalign.evaluation").CHAT_TEMPLATE_CHOICES),
+        ("DEMO_DESCRIPTION",
+         lambda: importlib.import_module("avgalign.toy.demo").__doc__.split("\n\n")[0]),
+        ("STUDY_DESCRIPTION",
+         lambda: importlib.import_module("avgalign.recipes.hh").__doc__.split("\n\n")[0]),
+    ],
+)
+def test_the_parsers_copies_equal_their_originals(copy, original):
+    """avgalign.commands keeps torch-free copies of values of torch-importing modules."""
+    assert getattr(commands, copy) == original()
 
-    argv = ["reward-model", "--model", "m", "--data", "d", "--out", "o"]
-    args = build_parser(argv).parse_args(argv)
-    assert args.model == "m" and callable(args.func)
-    with pytest.raises(SystemExit):  # its required options are there
-        build_parser(["evaluate"]).parse_args(["evaluate"])
+
+@pytest.mark.parametrize(
+    "argv,module,function",
+    [
+        (["evaluate", "--policy", "p", "--prompts", "x.txt", "--scorer", "s", "--out", "o"],
+         "avgalign.evaluation", "run_evaluate"),
+        (["reward-model", "--model", "m", "--data", "d", "--out", "o"],
+         "avgalign.reward_model", "run_reward_model"),
+        (["study", "c.yaml", "--out", "o"], "avgalign.recipes.hh", "run_study_command"),
+        (["demo", "--quick", "--out", "o"], "avgalign.toy.demo", "run_demo_command"),
+    ],
+)
+def test_each_subcommand_runs_its_module(monkeypatch, argv, module, function):
+    """The handler a parser sets imports the subcommand's module when it runs and calls its run
+    function with the parsed arguments; `python -m <module>` goes through the same parser."""
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module), function, seen.append)
+    assert main(argv) == 0
+    (args,) = seen
+    assert args.command == argv[0] and args.out == "o"
+    alone = {"avgalign.recipes.hh": "main", "avgalign.toy.demo": "main_demo"}.get(module)
+    if alone:
+        getattr(importlib.import_module(module), alone)(argv[1:])
+        assert seen[1].out == "o"
+
+
+def test_the_cli_parser_is_whole():
+    """Every subcommand's parser is complete whatever argv says: required options are required."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--out", "o"])
+    args = build_parser().parse_args(["demo", "--losses", "ipo", "--aggregations", "mean"])
+    assert (args.losses, args.aggregations) == (["ipo"], ["mean"])

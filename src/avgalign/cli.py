@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from . import __version__
+from .commands import ADD_PARSERS
 from .config import ConfigError
 
 TRAIN_HELP = """\
@@ -77,9 +77,10 @@ def _data_stats(args: argparse.Namespace) -> None:
     print(format_length_stats(length_stats(pairs)))
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The CLI's parser for `argv` (default: sys.argv[1:]). Only the subcommand named in argv
-    gets its full parser, so that `avgalign --help` and light commands import no torch."""
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser, every subcommand's whole parser in it. Building it imports no torch:
+    each handler imports what its subcommand needs when it runs (avgalign.commands), so that
+    `avgalign --help` and `avgalign <subcommand> --help` print at once."""
     parser = argparse.ArgumentParser(
         prog="avgalign",
         description="Length-invariant direct alignment: DPO-family losses with summed or averaged "
@@ -162,32 +163,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-notes", type=int, default=10, help="skipped/warning lines to show")
     p.set_defaults(func=_data_stats)
 
-    command = next((a for a in (sys.argv[1:] if argv is None else argv)
-                    if not a.startswith("-")), None)
-    for name, (module, function, summary) in HEAVY_COMMANDS.items():
-        if name == command:  # the command that runs: its whole parser, and its imports
-            getattr(importlib.import_module(module, __package__), function)(sub)
-        else:  # listed in `avgalign --help` without importing torch and friends
-            sub.add_parser(name, help=summary, add_help=False)
+    for add_parser in ADD_PARSERS:
+        add_parser(sub)
     return parser
 
 
-# subcommands whose modules import torch, transformers and accelerate: name -> (module, the
-# function that registers the subcommand's parser, the line `avgalign --help` shows)
-HEAVY_COMMANDS = {
-    "evaluate": (".evaluation", "add_evaluate_parser",
-                 "sample from a policy (and a reference), score, win rates, KL, length statistics"),
-    "reward-model": (".reward_model", "add_reward_model_parser",
-                     "train a Bradley-Terry reward model on preference pairs"),
-    "study": (".recipes.hh", "add_study_parser",
-              "the length/score study on a real model and HH-RLHF (gold RM, sweep, report)"),
-    "demo": (".toy.demo", "add_demo_parser", "the length/score study end to end in a toy world "
-             "with a known oracle (CPU, minutes)"),
-}
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

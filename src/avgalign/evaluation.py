@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+# re-exported from its torch-free home, where the CLI builds it
+from .commands import add_evaluate_parser as add_evaluate_parser
 from .data import (
     PROMPT_RENDERING_FILE,
     DataError,
@@ -1065,45 +1067,6 @@ def choose_chat_template(
     return has_template, (
         f"prompts: {words(has_template)}; {why}, so falling back to --chat-template auto ({having})"
     )
-
-
-def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `evaluate`; the handler is set as the parser's `func` default."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="sample from a policy (and a reference), score, win rates, KL, length statistics",
-    )
-    p.add_argument("--policy", required=True, help="model folder, hub id or smollm2-135m")
-    p.add_argument("--reference", help="reference model (usually the SFT model); omit for none")
-    p.add_argument(
-        "--prompts",
-        required=True,
-        help=".txt (one prompt per line), .jsonl with a 'prompt' field, or a preference dataset",
-    )
-    p.add_argument("--split", default="test", help="split of a hub preference dataset")
-    p.add_argument("--limit", type=int, help="evaluate the first N prompts")
-    p.add_argument("--scorer", required=True, help="reward model folder/hub id or module:function")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (no KL estimate)")
-    p.add_argument(
-        "--chat-template",
-        choices=CHAT_TEMPLATE_CHOICES,
-        default="trained",
-        help="wrap plain prompts (.txt, 'prompt' .jsonl) in the tokenizer's chat template: "
-        "trained (default): as the policy was trained, from its prompt_rendering.json (auto if "
-        "none); auto: if the tokenizer has one; yes; no. A preference dataset's prompts are "
-        "always rendered as in training",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=run_evaluate)
-    return p
 
 
 def _load_causal_lm(name: str, dtype: str, device: str):

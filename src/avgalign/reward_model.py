@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+# re-exported from its torch-free home, where the CLI builds it
+from .commands import add_reward_model_parser as add_reward_model_parser
 from .evaluation import (
     encode_reward_inputs,
     prepare_reward_model,
@@ -232,27 +234,6 @@ def train_reward_model(
         tokenizer.save_pretrained(out)
         (out / "reward_model.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
-
-
-def add_reward_model_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `reward-model`; the handler is set as the parser's `func` default."""
-    p = subparsers.add_parser(
-        "reward-model", help="train a Bradley-Terry reward model on preference pairs"
-    )
-    p.add_argument("--model", required=True, help="backbone: model folder, hub id or smollm2-135m")
-    p.add_argument("--data", required=True, help="preference dataset (avgalign.data sources)")
-    p.add_argument("--split", default="train", help="split of a hub dataset")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out")
-    p.add_argument("--limit", type=int, help="use the first N records")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output folder (load it with --scorer OUT)")
-    p.set_defaults(func=run_reward_model)
-    return p
 
 
 def run_reward_model(args: argparse.Namespace) -> RewardModelResult:

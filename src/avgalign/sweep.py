@@ -314,15 +314,6 @@ def write_outputs(
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def add_command(subparsers, name: str, *, help: str, doc: str,
-                func: Callable[[argparse.Namespace], StudyOutputs]) -> argparse.ArgumentParser:
-    """Register the subcommand `name` (described by the first paragraph of `doc`), handled by
-    `func`, the parser's `func` default; the caller adds its arguments."""
-    p = subparsers.add_parser(name, help=help, description=doc.split("\n\n")[0])
-    p.set_defaults(func=func)
-    return p
-
-
 def run_command(name: str, run: Callable[[], StudyOutputs]) -> StudyOutputs:
     """Run a study for the CLI, then print its table, the files it wrote and the time it took.
     No transformers progress bars: a "Loading weights" bar for every run would drown the sweep's."""

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from .. import sweep as engine
+from ..commands import add_study_parser  # torch-free, where the CLI builds it
 from ..config import Config, ConfigError, LoraConfig, from_mapping, read_yaml, validate
 from ..data import PreferenceExample, TokenizedPair, load_preferences, tokenize_pairs
 from ..evaluation import GenerationSettings, load_scorer, reference_seed
@@ -539,18 +540,6 @@ def run_recipe(cfg: RecipeConfig, out: str | Path, *, command: str = "") -> Reci
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def add_study_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `study`; the handler is set as the parser's `func` default."""
-    p = engine.add_command(
-        subparsers, "study", doc=__doc__, func=run_study_command,
-        help="the length/score study on a real model and HH-RLHF (gold RM, sweep, report)",
-    )
-    p.add_argument("config", help="recipe YAML, e.g. configs/hh-smollm2/cpu-small.yaml")
-    p.add_argument("--out", required=True, help="output folder for the small result files")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
 
 
 def run_study_command(args: argparse.Namespace) -> RecipeOutputs:

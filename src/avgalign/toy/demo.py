@@ -30,9 +30,9 @@ from pathlib import Path
 
 from .. import frontier
 from .. import sweep as engine
+from ..commands import add_demo_parser  # torch-free, where the CLI builds it
 from ..config import Config
 from ..evaluation import GenerationSettings, Scorer
-from ..losses import AGGREGATIONS, LOSSES
 from ..models import cache_root
 from ..study import RunSpec, mean_completion_length, plan_runs, results_table
 from .build import Preferences, World, WorldConfig, build_world
@@ -288,44 +288,6 @@ def run_demo(cfg: DemoConfig) -> DemoOutputs:
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `demo`; the handler is set as the parser's `func` default."""
-    p = engine.add_command(
-        subparsers, "demo", doc=__doc__, func=run_demo_command,
-        help="the length/score study end to end in a toy world with a known oracle (CPU, minutes)",
-    )
-    p.add_argument("--full", action="store_true",
-                   help="the whole design: sum, mean and power 0.5 over a wide beta grid, 3 "
-                   "training seeds, length bias off and strong (~40 min on 2 CPU cores)")
-    p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-full with --full)")
-    p.add_argument("--cache-dir", help="where the toy world is cached (default: "
-                   "$AVGALIGN_CACHE/toy or ~/.cache/avgalign/toy)")
-    p.add_argument("--losses", nargs="+", choices=sorted(LOSSES),
-                   help="losses to sweep (default: dpo)")
-    p.add_argument("--aggregations", nargs="+", choices=AGGREGATIONS,
-                   help="aggregations to sweep (default: sum mean; --full: sum mean power)")
-    p.add_argument("--betas", nargs="+", type=float,
-                   help="betas on the summed scale; averaged runs use beta x mean length "
-                   "(default: 0.03 0.3 3; --full: 0.03 0.1 0.3 1 3)")
-    p.add_argument("--alphas", nargs="+", type=float,
-                   help="exponents for aggregation 'power' (default: 0.5)")
-    p.add_argument("--seeds", nargs="+", type=int,
-                   help="training seeds, each cell trained once per seed (default: 0 1; --full: "
-                   "0 1 2)")
-    p.add_argument("--length-biases", nargs="+", type=float,
-                   help="the annotator's length bias in logits per token, one sweep per value "
-                   "(default: 0.3; --full: 0 0.3)")
-    p.add_argument("--seed", type=int, help="seed of the world and its sampling")
-    p.add_argument("--num-prompts", type=int, help="held-out prompts to evaluate on (default 64)")
-    p.add_argument("--samples-per-prompt", type=int, help="samples per prompt (default 8)")
-    p.add_argument("--quick", action="store_true",
-                   help="a much smaller world and grid (smoke test, seconds)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="rebuild the world and rerun every run instead of reusing them")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
