@@ -10,6 +10,7 @@ import huggingface_hub
 import pytest
 import yaml
 from huggingface_hub import ModelCard
+from test_train import tiny_config as train_config
 
 from avgalign import __version__
 from avgalign.config import Config, ConfigError, load_config
@@ -91,23 +92,10 @@ def test_base_model_id(tmp_path):
 
 
 def tiny_config(tmp_path, model_dir, data_file, **overrides):
-    sets = {
-        "model.name": str(model_dir),
-        "data.train": str(data_file),
-        "data.max_length": 64,
-        "data.eval_fraction": 0.25,
-        "loss.aggregation": "mean",
-        "loss.beta": 1.0,
-        "train.output_dir": str(tmp_path / "run"),
-        "train.batch_size": 8,
-        "train.micro_batch_size": 8,
-        "train.max_steps": 2,
-        "train.progress": False,
-        "train.self_check": False,
-        "train.reference_cache_dir": str(tmp_path / "cache"),
-        **overrides,
-    }
-    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    """Two steps of the tiny model with averaged log-likelihoods (beta 1)."""
+    return train_config(tmp_path, model_dir, data_file, **{
+        "loss.aggregation": "mean", "loss.beta": 1.0, "train.micro_batch_size": 8,
+        "train.max_steps": 2, "train.self_check": False, **overrides})
 
 
 def test_trained_model_folder_has_its_card(tmp_path, tiny_model_dir, synthetic_file):

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from test_train import tiny_config
 
 from avgalign.config import ConfigError, load_config
 from avgalign.tracking import MetricsLog, report_to, tracker_values, truncate_metrics
@@ -16,23 +17,10 @@ from avgalign.train import train
 
 
 def tiny_run(tmp_path, model_dir, data_file, **overrides):
-    sets = {
-        "model.name": str(model_dir),
-        "data.train": str(data_file),
-        "data.max_length": 64,
-        "data.eval_fraction": 0.25,
-        "train.output_dir": str(tmp_path / "run"),
-        "train.batch_size": 8,
-        "train.micro_batch_size": 8,
-        "train.max_steps": 3,
-        "train.learning_rate": 3e-3,
-        "train.progress": False,
-        "train.save_model": False,
-        "train.self_check": False,
-        "train.reference_cache_dir": str(tmp_path / "cache"),
-        **overrides,
-    }
-    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    """Three steps of the tiny model; its metrics.jsonl rows by (split, step)."""
+    cfg = tiny_config(tmp_path, model_dir, data_file, **{
+        "train.micro_batch_size": 8, "train.max_steps": 3, "train.save_model": False,
+        "train.self_check": False, **overrides})
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     return {(r["split"], r["step"]): r for r in rows}
