@@ -89,23 +89,24 @@ def test_matched_kl_interpolates_each_curve_by_hand():
     averaged = [Cell("dpo/mean", "mean", 1.0, 9.0, fixed(kl=1.0, score=0.3, length=11)),
                 Cell("dpo/mean", "mean", 0.1, 0.9, fixed(kl=3.0, score=0.5, length=13))]
     m = matched(averaged, summed, sft, "kl", "score")
-    assert m.range == (0.0, 2.0)  # the KL both curves cover, SFT (KL 0) included
-    # at KL 0.5: 0.15 - 0.10; at 1: 0.3 - 0.2; at 1.5: 0.35 - 0.25
-    assert [x for x, _ in m.points] == pytest.approx([0.5, 1.0, 1.5])
-    assert [d.point for _, d in m.points] == pytest.approx([0.05, 0.1, 0.1])
-    # the difference is 0.1 x KL up to KL 1, then 0.1: averaged over 21 points of [0, 2]
-    assert m.average.point == pytest.approx((0.01 * sum(range(11)) + 0.1 * 10) / 21)
+    assert m.range == (1.0, 2.0)  # the KL where both curves have runs
+    # at KL 1.25: 0.325 - 0.225 (averaged between 0.3 at KL 1 and 0.5 at KL 3, summed between
+    # 0.2 at KL 1 and 0.3 at KL 2); likewise at 1.5 and 1.75
+    assert [x for x, _ in m.points] == pytest.approx([1.25, 1.5, 1.75])
+    assert [d.point for _, d in m.points] == pytest.approx([0.1, 0.1, 0.1])
+    assert m.average.point == pytest.approx(0.1)
     assert m.average.lo == pytest.approx(m.average.point)  # no noise, no width
     lengths = matched(averaged, summed, sft, "kl", "length")
     # at KL 1.5: averaged 11.5 (between 11 at KL 1 and 13 at KL 3), summed 13
-    assert [d.point for _, d in lengths.points] == pytest.approx([-0.5, -1.0, -1.5])
+    assert [d.point for _, d in lengths.points] == pytest.approx([-1.25, -1.5, -1.75])
+    assert lengths.average.point == pytest.approx(-1.5)
 
 
 def test_no_shared_range_no_comparison():
     sft = Cell("sft", "sft", None, None, fixed(length=10, score=0.0, kl=0.0))
     a = [Cell("dpo/sum", "sum", 1.0, 1.0, fixed(length=20, score=0.2, kl=1.0))]
     b = [Cell("dpo/mean", "mean", 1.0, 1.0, fixed(length=5, score=0.2, kl=1.0))]
-    assert matched(b, a, sft, "length", "score") is None  # [5, 10] and [10, 20] touch only
+    assert matched(b, a, sft, "length", "score") is None  # runs at lengths 5 and 20 only
 
 
 def study_settings(bias_effect: float) -> dict[str, Setting]:

@@ -19,7 +19,7 @@ prompts. With one seed the interval covers prompts and samples only. Intervals a
 Frontier. A curve (one aggregation) is its cells ordered by beta, with the SFT policy as the end
 that beta -> infinity reaches (KL 0, the SFT length and score). To compare two curves at matched
 KL (or length), each curve's score on a replicate is interpolated linearly in x at fixed points
-of the range both curves cover (from the point estimates), and the difference taken. If averaging
+of the range where both curves have runs (from the point estimates), and the difference taken. If averaging
 only moved along the summed frontier, a cell would differ from the summed cell of the same beta
 but not at matched KL; if it moves the frontier, the difference at matched KL is beyond noise.
 """
@@ -183,11 +183,12 @@ def _interp_rows(xs: np.ndarray, ys: np.ndarray, at: np.ndarray) -> np.ndarray:
 
 def matched(curve: list[Cell], against: list[Cell], baseline: Cell, x: str, y: str
             ) -> Matched | None:
-    """`curve` - `against` in y at matched x, both curves starting from the baseline; None when
-    the curves share no range of x."""
+    """`curve` - `against` in y at matched x, over the range of x where both curves have runs
+    (point estimates); None when they share none. Both curves start from the baseline, which
+    only matters for a replicate whose runs moved above a point of that range."""
     xa, ya = _rows([baseline, *curve], x), _rows([baseline, *curve], y)
     xb, yb = _rows([baseline, *against], x), _rows([baseline, *against], y)
-    lo, hi = max(xa[0].min(), xb[0].min()), min(xa[0].max(), xb[0].max())
+    lo, hi = max(xa[0, 1:].min(), xb[0, 1:].min()), min(xa[0, 1:].max(), xb[0, 1:].max())
     if not hi > lo:
         return None
     at = np.array([lo + f * (hi - lo) for f in GRID])
