@@ -5,6 +5,9 @@ Regression: `avgalign evaluate --prompts <HH file>` wrapped the raw HH transcrip
 template (system prompt included), and could not read conversational datasets at all. Now a
 dataset's prompts become exactly the token ids `tokenize_pairs` gives them, and plain prompts are
 rendered as the policy's training prompts were, read from its prompt_rendering.json.
+
+Regression: a policy trained with `data.system_prompt` was evaluated on plain prompts without it.
+Now the record names the system prompt and plain prompts wrapped in the chat template get it first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from avgalign.data import (
     PROMPT_RENDERING_FILE,
     DataError,
     PreferenceExample,
+    chat_template_probe,
     load_preferences,
     prompt_rendering,
     read_prompt_rendering,
@@ -32,6 +36,7 @@ from avgalign.evaluation import (
     add_evaluate_parser,
     choose_chat_template,
     encode_prompts,
+    generate_completions,
     read_prompts,
 )
 
@@ -42,6 +47,8 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 PROBE = "<|system|> w9 w9<|end|>\n<|user|> {prompt}<|end|>\n<|assistant|> "
+SYSTEM = "be w5"  # data.system_prompt: replaces the template's own system prompt
+SYSTEM_PROBE = "<|system|> be w5<|end|>\n<|user|> {prompt}<|end|>\n<|assistant|> "
 HH_RECORDS = [
     {"chosen": f"\n\nHuman: {q}\n\nAssistant: {a}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {b}"}
     for q, a, b in [("what is w1", "good w2", "bad"), ("why w3", "yes", "no w4")]
@@ -69,9 +76,11 @@ def write_jsonl(path, records):
     return path
 
 
-def training_prompt_ids(path, tokenizer) -> list[list[int]]:
-    """The prompt ids training conditions on, each distinct prompt once, in order."""
-    examples = load_preferences(str(path), tokenizer=tokenizer).examples
+def training_prompt_ids(path, tokenizer, system_prompt=None) -> list[list[int]]:
+    """The prompt ids training conditions on (under data.system_prompt), each distinct prompt
+    once, in order."""
+    report = load_preferences(str(path), tokenizer=tokenizer, system_prompt=system_prompt)
+    examples = report.examples
     pairs, _ = tokenize_pairs(examples, tokenizer, max_length=10_000)
     return list({tuple(p.prompt_ids): p.prompt_ids for p in pairs}.values())
 
@@ -150,18 +159,43 @@ def test_prompt_rendering_record():
     templated = PreferenceExample("<|user|> p", "c", "r", "x:2", "chat_template")
     assert prompt_rendering([raw, raw], tokenizer) == {
         "rendering": "raw",
+        "system_prompt": None,
         "chat_template_probe": None,
     }
     assert prompt_rendering([templated], tokenizer) == {
         "rendering": "chat_template",
+        "system_prompt": None,
         "chat_template_probe": PROBE,  # shows the system prompt the template adds
     }
     assert prompt_rendering([raw, templated], tokenizer) == {
         "rendering": "mixed",
+        "system_prompt": None,
         "chat_template_probe": PROBE,
     }
     with pytest.raises(ValueError, match="at least one example"):
         prompt_rendering([], tokenizer)
+
+
+def test_prompt_rendering_records_the_system_prompt():
+    tokenizer = chat_tokenizer()
+    raw = PreferenceExample("p", "c", "r", "x:1")
+    templated = PreferenceExample("<|user|> p", "c", "r", "x:2", "chat_template")
+    assert prompt_rendering([templated], tokenizer, SYSTEM) == {
+        "rendering": "chat_template",
+        "system_prompt": SYSTEM,
+        "chat_template_probe": SYSTEM_PROBE,  # the given system prompt, not the template's own
+    }
+    assert chat_template_probe(tokenizer, SYSTEM) == SYSTEM_PROBE
+    assert chat_template_probe(tokenizer) == PROBE
+    # the setting is recorded; evaluation uses it only when it wraps prompts in the template
+    assert prompt_rendering([raw], tokenizer, SYSTEM) == {
+        "rendering": "raw",
+        "system_prompt": SYSTEM,
+        "chat_template_probe": None,
+    }
+    # "" puts no system message in training either
+    assert prompt_rendering([templated], tokenizer, "")["system_prompt"] is None
+    assert prompt_rendering([templated], tokenizer, "")["chat_template_probe"] == PROBE
 
 
 def test_write_and_read_prompt_rendering(tmp_path):
@@ -177,6 +211,9 @@ def test_write_and_read_prompt_rendering(tmp_path):
         read_prompt_rendering(tmp_path / "model")
     path.write_text('{"rendering": "templated"}')
     with pytest.raises(DataError, match=f"^{path}: 'rendering' must be one of"):
+        read_prompt_rendering(tmp_path / "model")
+    path.write_text('{"rendering": "chat_template", "system_prompt": ["w5"]}')
+    with pytest.raises(DataError, match=f"^{path}: 'system_prompt' must be a string or null"):
         read_prompt_rendering(tmp_path / "model")
 
 
@@ -221,24 +258,104 @@ def test_conversational_dataset_prompts_get_the_ids_training_gave_them(
 # ------------------------------------------------------------------- plain prompts, end to end
 
 
+@pytest.mark.parametrize("system_prompt", [None, SYSTEM])
 @pytest.mark.parametrize("recorded", ["raw", "chat_template"])
-def test_plain_prompts_follow_the_recorded_rendering(tmp_path, policy, evaluate, capsys, recorded):
+def test_plain_prompts_follow_the_recorded_rendering(
+    tmp_path, policy, evaluate, capsys, recorded, system_prompt
+):
     tokenizer = chat_tokenizer()
     questions = ["what is w1", "why w2"]
-    # the same questions as training data of the recorded kind
+    # the same questions as training data of the recorded kind, under data.system_prompt
     if recorded == "raw":
         records = [{"prompt": q, "chosen": "good", "rejected": "bad"} for q in questions]
     else:
         records = [conversation(q, "good", "bad") for q in questions]
     data = write_jsonl(tmp_path / "train.jsonl", records)
-    examples = load_preferences(str(data), tokenizer=tokenizer).examples
-    write_prompt_rendering(policy, prompt_rendering(examples, tokenizer))
+    examples = load_preferences(
+        str(data), tokenizer=tokenizer, system_prompt=system_prompt
+    ).examples
+    write_prompt_rendering(policy, prompt_rendering(examples, tokenizer, system_prompt))
     (tmp_path / "prompts.txt").write_text("\n".join(questions) + "\n")
 
     ids, line = evaluate(policy, tmp_path / "prompts.txt", capsys=capsys)
+    assert ids == training_prompt_ids(data, tokenizer, system_prompt)
+    record = policy / PROMPT_RENDERING_FILE
+    if recorded == "raw":  # training left raw text as it is, system prompt or not
+        assert line == f"prompts: raw text, as recorded in {record}"
+    elif system_prompt is None:  # as before system prompts were recorded
+        assert ids == encode_prompts(tokenizer, questions, use_chat_template=True)
+        assert line == f"prompts: wrapped in the chat template, as recorded in {record}"
+    else:
+        assert ids != training_prompt_ids(data, tokenizer)  # the system prompt matters
+        assert ids == encode_prompts(tokenizer, questions, True, system_prompt=SYSTEM)
+        assert line == (
+            f"prompts: wrapped in the chat template, as recorded in {record}; "
+            f"system prompt 'be w5' first, as recorded in {record}"
+        )
+
+
+def test_a_policy_trained_with_a_system_prompt_is_evaluated_with_it(tmp_path, evaluate, capsys):
+    """End to end: `train` with data.system_prompt on conversational records, then `evaluate`
+    on plain prompts with --chat-template trained, and with --system-prompt."""
+    from test_train import tiny_config
+
+    from avgalign.train import train
+
+    tokenizer = chat_tokenizer()
+    base = tmp_path / "base"
+    make_model(len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    questions = ["what is w1", "why w2", "what w3", "why is w4"]
+    data = write_jsonl(
+        tmp_path / "train.jsonl", [conversation(q, "good w6", "bad w7") for q in questions]
+    )
+    cfg = tiny_config(
+        tmp_path,
+        base,
+        data,
+        **{
+            "data.system_prompt": f"'{SYSTEM}'",
+            "data.eval_fraction": 0.0,
+            "train.batch_size": 4,
+            "train.micro_batch_size": 4,
+            "train.max_steps": 1,
+        },
+    )
+    train(cfg)
+    capsys.readouterr()  # what training printed
+    policy = tmp_path / "run" / "model"
+    record = read_prompt_rendering(policy)
+    assert record == {
+        "rendering": "chat_template",
+        "system_prompt": SYSTEM,
+        "chat_template_probe": SYSTEM_PROBE,
+    }
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(questions) + "\n")
+
+    ids, line = evaluate(policy, prompts, capsys=capsys)
+    assert ids == training_prompt_ids(data, tokenizer, SYSTEM)
+    assert "system prompt 'be w5' first, as recorded in" in line
+    assert "warning" not in line  # the recorded probe is the tokenizer's, with that system prompt
+
+    # --system-prompt replaces the recorded one, for "trained" and for "yes" alike
+    for flags in ([], ["--chat-template", "yes"]):
+        ids, line = evaluate(policy, prompts, *flags, "--system-prompt", "w8", capsys=capsys)
+        assert ids == training_prompt_ids(data, tokenizer, "w8")
+        assert "system prompt 'w8' first (--system-prompt" in line
+    # "" drops it: the ids of the same records trained without a system prompt
+    ids, line = evaluate(policy, prompts, "--system-prompt", "", capsys=capsys)
     assert ids == training_prompt_ids(data, tokenizer)
-    wording = "raw text" if recorded == "raw" else "wrapped in the chat template"
-    assert line == f"prompts: {wording}, as recorded in {policy / PROMPT_RENDERING_FILE}"
+    assert line.endswith(
+        f"; no system prompt (--system-prompt; {policy / PROMPT_RENDERING_FILE} records 'be w5')"
+    )
+    # "yes" and "auto" do not read the record
+    ids, line = evaluate(policy, prompts, "--chat-template", "auto", capsys=capsys)
+    assert ids == training_prompt_ids(data, tokenizer)
+    assert line == (
+        "prompts: wrapped in the chat template (--chat-template auto: the tokenizer has a chat "
+        "template)"
+    )
 
 
 def test_plain_prompts_without_a_record_fall_back_to_auto_and_say_so(
@@ -274,13 +391,13 @@ def test_bad_prompt_file_is_a_one_line_error(tmp_path, policy, evaluate, capsys)
 def test_mixed_or_missing_record_falls_back_to_auto(tmp_path):
     with_template, without = chat_tokenizer(), make_tokenizer()
     plain = PromptSet(["w1"])
-    use, line = choose_chat_template(plain, "trained", tmp_path, with_template)
+    use, _, line = choose_chat_template(plain, "trained", tmp_path, with_template)
     assert use is True and f"no {PROMPT_RENDERING_FILE} in {tmp_path}" in line
     assert "falling back to --chat-template auto" in line
-    use, _ = choose_chat_template(plain, "trained", tmp_path, without)
+    use, _, _ = choose_chat_template(plain, "trained", tmp_path, without)
     assert use is False
     write_prompt_rendering(tmp_path, {"rendering": "mixed", "chat_template_probe": PROBE})
-    use, line = choose_chat_template(plain, "trained", tmp_path, with_template)
+    use, _, line = choose_chat_template(plain, "trained", tmp_path, with_template)
     assert use is True and "records mixed renderings" in line and "falling back" in line
 
 
@@ -299,7 +416,7 @@ def test_explicit_choices_override_the_record(tmp_path):
 def test_dataset_prompts_are_never_templated_again(tmp_path):
     tokenizer = chat_tokenizer()
     write_prompt_rendering(tmp_path, {"rendering": "chat_template", "chat_template_probe": PROBE})
-    use, line = choose_chat_template(PromptSet(["x"], "raw"), "yes", tmp_path, tokenizer)
+    use, _, line = choose_chat_template(PromptSet(["x"], "raw"), "yes", tmp_path, tokenizer)
     assert use is False
     assert "--chat-template yes applies only to plain prompts" in line
     assert "records rendered with the chat template in training" in line  # a mismatch is named
@@ -311,8 +428,100 @@ def test_recorded_template_needs_one_and_a_changed_template_is_flagged(tmp_path)
         choose_chat_template(PromptSet(["w1"]), "trained", tmp_path, make_tokenizer())
     changed = chat_tokenizer()
     changed.chat_template = TEMPLATE.replace("w9 w9", "w8")  # another system prompt
-    use, line = choose_chat_template(PromptSet(["w1"]), "trained", tmp_path, changed)
+    use, _, line = choose_chat_template(PromptSet(["w1"]), "trained", tmp_path, changed)
     assert (
         use is True
         and "warning: the tokenizer's chat template renders a prompt differently" in line
     )
+
+
+def test_recorded_system_prompt_is_used_only_when_wrapping_under_trained(tmp_path):
+    tokenizer = chat_tokenizer()
+    plain = PromptSet(["w1"])
+    record = {"rendering": "chat_template", "system_prompt": SYSTEM}
+    write_prompt_rendering(tmp_path, {**record, "chat_template_probe": SYSTEM_PROBE})
+    choice = choose_chat_template(plain, "trained", tmp_path, tokenizer)
+    assert (choice.use_chat_template, choice.system_prompt) == (True, SYSTEM)
+    assert "warning" not in choice.line
+    # "yes" and "auto" do not read the record; --system-prompt sets one for them
+    for explicit in ("yes", "auto"):
+        assert choose_chat_template(plain, explicit, tmp_path, tokenizer)[:2] == (True, None)
+        choice = choose_chat_template(plain, explicit, tmp_path, tokenizer, "w8")
+        assert choice[:2] == (True, "w8")
+        assert choice.line.endswith("; system prompt 'w8' first (--system-prompt)")
+    # a mixed record: the templated training prompts had the system prompt
+    write_prompt_rendering(tmp_path, {"rendering": "mixed", "system_prompt": SYSTEM})
+    choice = choose_chat_template(plain, "trained", tmp_path, tokenizer)
+    assert choice[:2] == (True, SYSTEM) and "falling back" in choice.line
+    # raw training prompts never had it
+    write_prompt_rendering(tmp_path, {"rendering": "raw", "system_prompt": SYSTEM})
+    assert choose_chat_template(plain, "trained", tmp_path, tokenizer)[:2] == (False, None)
+
+
+def test_a_record_without_system_prompt_reads_as_none(tmp_path):
+    """Records written before the key existed: no system prompt, the probe compared as before."""
+    tokenizer = chat_tokenizer()
+    write_prompt_rendering(tmp_path, {"rendering": "chat_template", "chat_template_probe": PROBE})
+    choice = choose_chat_template(PromptSet(["w1"]), "trained", tmp_path, tokenizer)
+    assert choice == (
+        True,
+        None,
+        f"prompts: wrapped in the chat template, as recorded in {tmp_path / PROMPT_RENDERING_FILE}",
+    )
+
+
+def test_recorded_probe_is_checked_with_the_recorded_system_prompt(tmp_path):
+    record = {"rendering": "chat_template", "system_prompt": SYSTEM, "chat_template_probe": PROBE}
+    write_prompt_rendering(tmp_path, record)  # a probe that does not show the system prompt
+    line = choose_chat_template(PromptSet(["w1"]), "trained", tmp_path, chat_tokenizer()).line
+    assert "warning: the tokenizer's chat template renders a prompt differently" in line
+
+
+def test_system_prompt_on_raw_text_is_refused_and_dataset_prompts_ignore_it(tmp_path):
+    tokenizer = chat_tokenizer()
+    plain = PromptSet(["w1"])
+    with pytest.raises(
+        ValueError,
+        match=r"^--system-prompt needs the chat template, but the "
+        r"prompts stay raw text \(--chat-template no\)$",
+    ):
+        choose_chat_template(plain, "no", tmp_path, tokenizer, "w8")
+    with pytest.raises(ValueError, match="stay raw text .*the tokenizer has no chat template"):
+        choose_chat_template(plain, "auto", tmp_path, make_tokenizer(), "w8")
+    write_prompt_rendering(tmp_path, {"rendering": "raw", "chat_template_probe": None})
+    with pytest.raises(ValueError, match="stay raw text, as recorded in"):
+        choose_chat_template(plain, "trained", tmp_path, tokenizer, "w8")
+    # "" asks for no system prompt, which raw text has
+    assert choose_chat_template(plain, "no", tmp_path, tokenizer, "")[:2] == (False, None)
+    choice = choose_chat_template(PromptSet(["x"], "raw"), "trained", tmp_path, tokenizer, "w8")
+    assert choice[:2] == (False, None)
+    assert "--system-prompt applies only to plain prompts" in choice.line
+
+
+def test_a_long_system_prompt_is_shortened_in_the_line(tmp_path):
+    long = "w5 " * 40
+    choice = choose_chat_template(PromptSet(["w1"]), "yes", tmp_path, chat_tokenizer(), long)
+    assert choice.system_prompt == long  # used in full
+    assert f"system prompt {long[:60]!r}... (120 characters) first" in choice.line
+
+
+def test_encode_and_generate_with_a_system_prompt(tmp_path):
+    tokenizer = chat_tokenizer()
+    data = write_jsonl(tmp_path / "train.jsonl", [conversation("what is w1", "good", "bad")])
+    expected = training_prompt_ids(data, tokenizer, SYSTEM)
+    assert encode_prompts(tokenizer, ["what is w1"], system_prompt=SYSTEM) == expected
+    assert encode_prompts(tokenizer, ["what is w1"]) == training_prompt_ids(data, tokenizer)
+    completions = generate_completions(
+        make_model(len(tokenizer)),
+        tokenizer,
+        ["what is w1"],
+        max_new_tokens=2,
+        system_prompt=SYSTEM,
+        progress=False,
+    )
+    assert completions[0].prompt_ids == expected[0]
+    assert completions[0].prompt == "what is w1"  # the scorer reads the prompt as given
+    with pytest.raises(ValueError, match="needs the chat template"):
+        encode_prompts(tokenizer, ["w1"], use_chat_template=False, system_prompt=SYSTEM)
+    with pytest.raises(ValueError, match="token ids"):
+        encode_prompts(tokenizer, [[5, 6]], system_prompt=SYSTEM)

@@ -67,6 +67,13 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         "none); auto: if the tokenizer has one; yes; no. A preference dataset's prompts are "
         "always rendered as in training",
     )
+    p.add_argument(
+        "--system-prompt",
+        metavar="TEXT",
+        help="a system message put first in plain prompts wrapped in the chat template, as "
+        "data.system_prompt is in training ('' for none); default: with --chat-template trained, "
+        "the one the policy was trained with (its prompt_rendering.json), else none",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -842,28 +842,43 @@ def tokenize_pairs(
 # ------------------------------------------------------------------------------------- provenance
 
 
-def prompt_rendering(examples: Sequence[PreferenceExample], tokenizer: Any) -> dict:
+def prompt_rendering(
+    examples: Sequence[PreferenceExample], tokenizer: Any, system_prompt: str | None = None
+) -> dict:
     """How a dataset's prompts were rendered, as a JSON-able record for the trained model's folder:
 
     {"rendering": "raw" | "chat_template" | "mixed" (the examples' `rendering`, or "mixed" when
-    they differ), "chat_template_probe": the tokenizer's rendering of one user message whose
-    content is "{prompt}", generation prompt included (it shows any system prompt the template
-    adds), or None when no example used the chat template}.
+    they differ), "system_prompt": the system message training put first in conversations
+    rendered with the chat template that had none (`data.system_prompt`; None when unset),
+    "chat_template_probe": `chat_template_probe(tokenizer, system_prompt)`, what the template
+    wraps around a prompt, or None when no example used the chat template}.
+    A record without "system_prompt" (written before it existed) reads as no system prompt.
     """
     kinds = {e.rendering for e in examples}
     if not kinds:
         raise ValueError("prompt_rendering needs at least one example")
+    system_prompt = system_prompt or None  # "" puts no system message (_render_conversation)
+    templated = "chat_template" in kinds
     return {
         "rendering": next(iter(kinds)) if len(kinds) == 1 else "mixed",
-        "chat_template_probe": chat_template_probe(tokenizer) if "chat_template" in kinds else None,
+        "system_prompt": system_prompt,
+        "chat_template_probe": chat_template_probe(tokenizer, system_prompt) if templated else None,
     }
 
 
-def chat_template_probe(tokenizer: Any) -> str:
-    """The chat template's rendering of one user message whose content is "{prompt}", with the
-    generation prompt: what the template wraps around a prompt (and any system prompt it adds)."""
+def user_turn(content: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The prompt messages of a conversational record with one user message, as training renders
+    it: the user message, after a system message when `system_prompt` is set (not empty)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": content}]
+
+
+def chat_template_probe(tokenizer: Any, system_prompt: str | None = None) -> str:
+    """The chat template's rendering of `user_turn("{prompt}", system_prompt)`, with the
+    generation prompt: what training wraps around a prompt (the system prompt given, or any one
+    the template adds)."""
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT_PLACEHOLDER}],
+        user_turn(PROMPT_PLACEHOLDER, system_prompt),
         add_generation_prompt=True,
         tokenize=False,
     )
@@ -909,6 +924,8 @@ def read_prompt_rendering(folder: str | Path) -> dict | None:
     kinds = (*RENDERINGS, "mixed")
     if not isinstance(record, dict) or record.get("rendering") not in kinds:
         raise DataError(str(path), f"'rendering' must be one of {', '.join(kinds)}")
+    if not isinstance(record.get("system_prompt"), str | None):
+        raise DataError(str(path), "'system_prompt' must be a string or null")
     return record
 
 

@@ -47,6 +47,7 @@ from .data import (
     load_preferences,
     read_prompt_rendering,
     stop_token_ids,
+    user_turn,
 )
 from .seeding import seeded
 
@@ -344,26 +345,34 @@ def pad_token_id(tokenizer) -> int:
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], use_chat_template="auto"
+    tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    use_chat_template="auto",
+    system_prompt: str | None = None,
 ) -> list[list[int]]:
-    """Prompt token ids. Strings get the tokenizer's chat template (one user turn plus the
-    generation prompt) when use_chat_template is True, or "auto" and the tokenizer has one, and
-    are then tokenized as training tokenizes prompts (avgalign.data.encode_prompt_texts): a
-    templated string gets the ids a conversational record with that one user message trains on,
-    an untemplated one the ids of the same text as a raw-text record. Token-id prompts are taken
-    as they are."""
+    """Prompt token ids. Strings get the tokenizer's chat template (one user turn, after a system
+    message when `system_prompt` is set, plus the generation prompt) when use_chat_template is
+    True, or "auto" and the tokenizer has one, and are then tokenized as training tokenizes
+    prompts (avgalign.data.encode_prompt_texts): a templated string gets the ids a conversational
+    record with that one user message trains on under `data.system_prompt: system_prompt`, an
+    untemplated one the ids of the same text as a raw-text record. Token-id prompts are taken as
+    they are. A system prompt that would not be rendered (raw text, token ids) is a ValueError."""
     if use_chat_template not in ("auto", True, False):
         raise ValueError(f"use_chat_template must be 'auto', True or False: {use_chat_template!r}")
     if not prompts or not isinstance(prompts[0], str):
+        if system_prompt and prompts:
+            raise ValueError("a system prompt cannot be added to prompts given as token ids")
         return [[int(t) for t in p] for p in prompts]
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if use_chat_template is True and not has_template:
         raise ValueError("use_chat_template=True but the tokenizer has no chat template")
     if use_chat_template is False or not has_template:
+        if system_prompt:
+            raise ValueError("a system prompt needs the chat template; these prompts are raw text")
         return encode_prompt_texts(tokenizer, prompts)
     texts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            user_turn(p, system_prompt), add_generation_prompt=True, tokenize=False
         )
         for p in prompts
     ]
@@ -395,6 +404,7 @@ def generate_completions(
     batch_size: int = 8,
     seed: int = 0,
     use_chat_template="auto",
+    system_prompt: str | None = None,
     progress: bool = True,
 ) -> list[Completion]:
     """Sample `num_samples` completions per prompt with batched, left-padded `model.generate`.
@@ -404,13 +414,14 @@ def generate_completions(
     generation config says, so that temperature 1 and top_p 1 sample pi itself). Each batch of
     `batch_size` sequences is seeded with seed + batch index, so a given (prompts, settings) gives
     the same completions whatever ran before; the caller's random generators are left as they
-    were (avgalign.seeding.seeded).
+    were (avgalign.seeding.seeded). Prompts are encoded by `encode_prompts` (use_chat_template,
+    system_prompt).
     """
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
     pad_id = pad_token_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
-    prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template)
+    prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template, system_prompt)
     prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     jobs = [(i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
@@ -610,6 +621,7 @@ class GenerationSettings:
     batch_size: int = 8
     seed: int = 0
     use_chat_template: bool | str = "auto"
+    system_prompt: str | None = None  # put first when prompts are templated (encode_prompts)
 
     @property
     def samples_policy(self) -> bool:
@@ -1005,10 +1017,23 @@ _RENDERING_WORDS = {
 }
 
 
+class PromptChoice(NamedTuple):
+    """How plain prompts are rendered (generate_completions' use_chat_template and system_prompt)
+    and one line saying which rendering and why."""
+
+    use_chat_template: bool
+    system_prompt: str | None
+    line: str
+
+
 def choose_chat_template(
-    prompts: PromptSet, choice: str, policy: str | Path, tokenizer
-) -> tuple[bool, str]:
-    """(use_chat_template for generate_completions, one line saying which rendering and why).
+    prompts: PromptSet,
+    choice: str,
+    policy: str | Path,
+    tokenizer,
+    system_prompt: str | None = None,
+) -> PromptChoice:
+    """How to render `prompts` for generate_completions, and the line saying so.
 
     A preference dataset's prompts are never templated again: they already are what training
     conditioned on. Plain prompts follow `choice`: "yes" wrap them in the tokenizer's chat
@@ -1016,6 +1041,11 @@ def choose_chat_template(
     default) render them as the policy's training prompts were, read from
     <policy>/prompt_rendering.json ("chat_template": wrap, "raw": don't); a missing record, or one
     that says "mixed", falls back to "auto", and the line says so.
+
+    Wrapped plain prompts get a system message first, as training put `data.system_prompt` first:
+    `system_prompt` (--system-prompt; "" for none) when given, else under "trained" the record's
+    "system_prompt" (none in a record written before that key existed), else none. A non-empty
+    `system_prompt` for plain prompts that stay raw text is a ValueError.
     """
     if choice not in CHAT_TEMPLATE_CHOICES:
         raise ValueError(f"chat template choice must be one of {CHAT_TEMPLATE_CHOICES}: {choice!r}")
@@ -1023,6 +1053,7 @@ def choose_chat_template(
     record_path = Path(policy).expanduser() / PROMPT_RENDERING_FILE
     record = read_prompt_rendering(policy)
     recorded = record["rendering"] if record else None
+    recorded_system = record.get("system_prompt") if record else None
 
     if prompts.rendering is not None:
         line = (
@@ -1031,21 +1062,25 @@ def choose_chat_template(
         )
         if choice != "trained":
             line += f"; --chat-template {choice} applies only to plain prompts"
+        if system_prompt is not None:
+            line += "; --system-prompt applies only to plain prompts"
         if recorded is not None and recorded != prompts.rendering:
             line += f"; note: {record_path} records {_RENDERING_WORDS[recorded]} in training"
-        return False, line
+        return PromptChoice(False, None, line)
 
     def words(wrap: bool) -> str:
         return "wrapped in the chat template" if wrap else "raw text"
 
+    having = "the tokenizer " + ("has a chat template" if has_template else "has no chat template")
     if choice == "yes" and not has_template:
         raise ValueError("--chat-template yes, but the tokenizer has no chat template")
     if choice in ("yes", "no"):
-        return choice == "yes", f"prompts: {words(choice == 'yes')} (--chat-template {choice})"
-    having = "the tokenizer " + ("has a chat template" if has_template else "has no chat template")
-    if choice == "auto":
-        return has_template, f"prompts: {words(has_template)} (--chat-template auto: {having})"
-    if recorded in ("raw", "chat_template"):
+        wrap = choice == "yes"
+        line = f"prompts: {words(wrap)} (--chat-template {choice})"
+    elif choice == "auto":
+        wrap = has_template
+        line = f"prompts: {words(wrap)} (--chat-template auto: {having})"
+    elif recorded in ("raw", "chat_template"):
         wrap = recorded == "chat_template"
         if wrap and not has_template:
             raise ValueError(
@@ -1054,19 +1089,44 @@ def choose_chat_template(
             )
         line = f"prompts: {words(wrap)}, as recorded in {record_path}"
         probe = record.get("chat_template_probe")
-        if wrap and probe is not None and probe != chat_template_probe(tokenizer):
+        if wrap and probe is not None and probe != chat_template_probe(tokenizer, recorded_system):
             line += (
                 "; warning: the tokenizer's chat template renders a prompt differently from the "
                 "recorded one"
             )
-        return wrap, line
-    if record:
-        why = f"{record_path} records mixed renderings"
     else:
-        why = f"no {PROMPT_RENDERING_FILE} in {policy}"
-    return has_template, (
-        f"prompts: {words(has_template)}; {why}, so falling back to --chat-template auto ({having})"
-    )
+        if record:
+            why = f"{record_path} records mixed renderings"
+        else:
+            why = f"no {PROMPT_RENDERING_FILE} in {policy}"
+        wrap = has_template
+        line = f"prompts: {words(wrap)}; {why}, so falling back to --chat-template auto ({having})"
+    if choice != "trained":
+        recorded_system = None  # the record speaks only for "trained"
+    if not wrap:
+        if system_prompt:
+            raise ValueError(
+                "--system-prompt needs the chat template, but the prompts stay "
+                + line.removeprefix("prompts: ")
+            )
+        return PromptChoice(False, None, line)
+    chosen = (recorded_system if system_prompt is None else system_prompt) or None
+    named = f"system prompt {_quote(chosen)} first" if chosen else "no system prompt"
+    if system_prompt is not None:
+        line += f"; {named} (--system-prompt"
+        if recorded_system and recorded_system != chosen:
+            line += f"; {record_path} records {_quote(recorded_system)}"
+        line += ")"
+    elif chosen:
+        line += f"; {named}, as recorded in {record_path}"
+    return PromptChoice(True, chosen, line)
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """`text` quoted for a log line; a long one cut to `limit` characters, its length given."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _load_causal_lm(name: str, dtype: str, device: str):
@@ -1092,13 +1152,13 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
         prompts = read_prompts(
             args.prompts, tokenizer=tokenizer, limit=args.limit, split=args.split
         )
-        use_chat_template, line = choose_chat_template(
-            prompts, args.chat_template, args.policy, tokenizer
+        rendering = choose_chat_template(
+            prompts, args.chat_template, args.policy, tokenizer, args.system_prompt
         )
         scorer = load_scorer(args.scorer, device=device, batch_size=args.batch_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-    print(line)
+    print(rendering.line)
     policy = _load_causal_lm(args.policy, args.dtype, device)
     reference = _load_causal_lm(args.reference, args.dtype, device) if args.reference else None
     settings = GenerationSettings(
@@ -1109,7 +1169,8 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
         do_sample=not args.greedy,
         batch_size=args.batch_size,
         seed=args.seed,
-        use_chat_template=use_chat_template,
+        use_chat_template=rendering.use_chat_template,
+        system_prompt=rendering.system_prompt,
     )
     result = evaluate_policy(policy, reference, tokenizer, prompts.texts, scorer, settings=settings)
     paths = write_eval_outputs(result, result.completions, args.out)

@@ -409,7 +409,7 @@ def load_pairs(
         train_pairs += pairs
         train_examples += kept
     eval_pairs, eval_examples = tokenize(held_report) if held_report else ([], [])
-    rendering = prompt_rendering(examples, tokenizer) if examples else None
+    rendering = prompt_rendering(examples, tokenizer, cfg.data.system_prompt) if examples else None
     n_eval = 0 if cfg.data.eval else int(round(cfg.data.eval_fraction * len(train_pairs)))
     if n_eval:
         g = torch.Generator().manual_seed(cfg.train.seed)
