@@ -19,9 +19,10 @@ prompts. With one seed the interval covers prompts and samples only. Intervals a
 Frontier. A curve (one aggregation) is its cells ordered by beta, with the SFT policy as the end
 that beta -> infinity reaches (KL 0, the SFT length and score). To compare two curves at matched
 KL (or length), each curve's score on a replicate is interpolated linearly in x at fixed points
-of the range where both curves have runs (from the point estimates), and the difference taken. If averaging
-only moved along the summed frontier, a cell would differ from the summed cell of the same beta
-but not at matched KL; if it moves the frontier, the difference at matched KL is beyond noise.
+of the range where both curves have runs (from the point estimates), and the difference taken.
+If averaging only moved along the summed frontier, a cell would differ from the summed cell of
+the same beta but not at matched KL; if it moves the frontier, the difference at matched KL is
+beyond noise.
 """
 
 from __future__ import annotations
@@ -274,13 +275,13 @@ def verdict_lines(f: SettingFindings) -> list[str]:
         by = {(m.x, m.y): m for m in f.matched.get(name, [])}
         if ("kl", "score") in by:
             m = by[("kl", "score")]
-            word = _sign_word(m.average, "higher: averaging moves the frontier up",
-                              "lower: averaging moves the frontier down")
+            word = _sign_word(m.average, f"higher: {name} moves the score-KL frontier up",
+                              f"lower: {name} moves the score-KL frontier down")
             lines.append(
                 f"**{name} vs {AGAINST}, matched KL** ({m.range[0]:.2f} to {m.range[1]:.2f}): "
                 f"score {m.average.text(3, True)} on average over the range, {word}"
                 + ("" if m.average.clear else
-                   " (no sign that averaging moves the score-KL frontier: it moves along it)")
+                   f" (no sign that {name} moves the score-KL frontier: it moves along it)")
                 + "."
             )
         if ("kl", "length") in by:
