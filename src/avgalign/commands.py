@@ -127,7 +127,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--full", action="store_true",
                    help="the whole design: sum, mean and power 0.5 over a wide beta grid, 3 "
-                   "training seeds, length bias off and strong (~40 min on 2 CPU cores)")
+                   "training seeds, length bias off and strong (~25 min on 2 CPU cores)")
     p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-full with --full)")
     p.add_argument("--cache-dir", help="where the toy world is cached (default: "
                    "$AVGALIGN_CACHE/toy or ~/.cache/avgalign/toy)")
