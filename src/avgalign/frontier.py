@@ -392,7 +392,7 @@ def plot_frontiers(findings: Sequence[SettingFindings], x: str, path: Path, *,
     from matplotlib.figure import Figure  # no pyplot: no global backend switch
 
     fig = Figure(figsize=(6.5 * len(findings), 5), layout="constrained")
-    axes = fig.subplots(1, len(findings), squeeze=False, sharey=True)[0]
+    axes = fig.subplots(1, len(findings), squeeze=False)[0]  # own scales: settings differ a lot
     for ax, f in zip(axes, findings, strict=True):
         base = f.cells[0].values
         for name, group in curve_cells(f.cells).items():
@@ -418,7 +418,8 @@ def plot_frontiers(findings: Sequence[SettingFindings], x: str, path: Path, *,
                       "KL(policy || SFT), nats per completion")
         ax.set_title(f"{f.setting.name}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean score")
+    for ax in axes:
+        ax.set_ylabel("mean score")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title}\n(labels: beta on the summed scale; bars: 95% intervals over seeds "
                  "and prompts)", fontsize=10)
