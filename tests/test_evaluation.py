@@ -28,6 +28,7 @@ from avgalign.evaluation import (
     length_summary,
     load_scorer,
     mean_ci,
+    per_prompt_means,
     read_prompts,
     summarize_evaluation,
     win_rate,
@@ -388,3 +389,20 @@ def test_evaluate_cli(tmp_path, tiny_model_dir, scorer_module):
     args = parser.parse_args(["evaluate", "--policy", str(tmp_path / "missing"), *common])
     with pytest.raises(SystemExit, match="error: .*does not exist"):
         args.func(args)
+
+
+def test_per_prompt_means_by_hand():
+    """Completions given out of order: means per prompt, KL terms in the order given, wins
+    against the reference sample of the same (prompt, sample)."""
+    def sc(model, p, k, score, n):
+        return ScoredCompletion(model, p, k, f"p{p}", "x", n, True, score)
+
+    policy = [sc("policy", 1, 1, 0.0, 4), sc("policy", 0, 0, 1.0, 2), sc("policy", 1, 0, 0.5, 6),
+              sc("policy", 0, 1, 0.0, 3)]
+    reference = [sc("reference", p, k, 0.5, 1) for p in (0, 1) for k in (0, 1)]
+    out = per_prompt_means(policy, reference, kl_terms=[4.0, 1.0, 2.0, 3.0])
+    assert out["score"] == pytest.approx([0.5, 0.25])  # prompt 0: (1 + 0) / 2; 1: (0.5 + 0) / 2
+    assert out["length"] == pytest.approx([2.5, 5.0])
+    assert out["kl"] == pytest.approx([2.0, 3.0])  # prompt 0: (1 + 3) / 2; prompt 1: (4 + 2) / 2
+    assert out["win"] == pytest.approx([0.5, 0.25])  # wins 1, 0; tie 0.5, loss 0
+    assert set(per_prompt_means(policy)) == {"score", "length"}

@@ -720,25 +720,20 @@ def per_prompt_means(
     the policy's outcome against the reference's sample of the same index (1 win, 0.5 tie)."""
     order = sorted(range(len(policy)), key=lambda i: (policy[i].prompt_index,
                                                       policy[i].sample_index))
-    prompts = sorted({s.prompt_index for s in policy})
-    index = {p: i for i, p in enumerate(prompts)}
+    ranked = [policy[i] for i in order]  # as _by_key orders them, paired with the reference
+    _, group = np.unique([s.prompt_index for s in ranked], return_inverse=True)
+    counts = np.bincount(group)
 
     def means(values) -> list[float]:
-        total, count = np.zeros(len(prompts)), np.zeros(len(prompts))
-        for i, v in zip(order, values, strict=True):
-            total[index[policy[i].prompt_index]] += v
-            count[index[policy[i].prompt_index]] += 1
-        return (total / count).tolist()
+        return (np.bincount(group, weights=np.asarray(values, dtype=float)) / counts).tolist()
 
-    out = {"score": means([policy[i].score for i in order]),
-           "length": means([policy[i].num_tokens for i in order])}
+    out = {"score": means([s.score for s in ranked]),
+           "length": means([s.num_tokens for s in ranked])}
     if kl_terms is not None:
-        terms = _as_1d(kl_terms, "kl_terms")
-        out["kl"] = means([terms[i] for i in order])
+        out["kl"] = means(_as_1d(kl_terms, "kl_terms")[order])
     if reference:
-        outcomes = pairwise_outcomes([policy[i].score for i in order],
-                                     [s.score for s in _by_key(reference)])
-        out["win"] = means(outcomes)
+        out["win"] = means(pairwise_outcomes([s.score for s in ranked],
+                                             [s.score for s in _by_key(reference)]))
     return out
 
 
