@@ -51,7 +51,7 @@ def test_card_gives_beta_on_the_summed_scale(aggregation, alpha, beta, beta_sum,
     assert f"aggregation-{aggregation}" in ModelCard(text).data.tags
     # a '|' inside a cell would break the table: every row of the two-column table has 2 cells
     training = text.split("## Training\n\n")[1].split("\n\n")[0].splitlines()
-    assert len(training) == 13 and all(row.count("|") == 3 for row in training)
+    assert len(training) == 14 and all(row.count("|") == 3 for row in training)
 
 
 def test_card_metadata_and_body():

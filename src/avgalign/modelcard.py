@@ -16,6 +16,7 @@ import yaml
 
 from . import __version__
 from .config import Config, ConfigError, TrainConfig
+from .versions import installed_versions
 
 if TYPE_CHECKING:
     from .data import TokenizedPair
@@ -124,6 +125,7 @@ def model_card(
         ("steps", f"{steps} of {tc.batch_size} pairs"),
         ("fine-tuning", lora),
         ("library", f"avgalign {__version__}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in installed_versions().items())),
     ]
     metrics = sorted(set(last_train) | set(eval_metrics))
     lines = [
