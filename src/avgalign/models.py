@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -83,7 +86,41 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"model path {name} does not exist")
-    return name  # hub id
+    return _hub_model(name)
+
+
+def _hub_model(name: str) -> str:
+    """A hub id as it is where the Hub can be reached (transformers downloads it or uses its
+    cache); its cached snapshot folder where it cannot, or with HF_HUB_OFFLINE=1; else a one-line
+    error within seconds, instead of huggingface_hub's retries (half a minute, offline)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_unreachable()
+    if why is None:
+        return name
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"model {name!r} is not a local folder, and the Hugging Face Hub cannot be reached "
+            f"({why}) nor has a cached copy of it; give the path of a local model folder"
+        ) from None
+
+
+@functools.cache
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub's endpoint cannot be reached (one TCP connection, `timeout`
+    seconds at most), or None if it can. Asked once per process."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def load_tokenizer(cfg: ModelConfig):
