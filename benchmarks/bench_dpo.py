@@ -430,6 +430,7 @@ def worker_ours(workload: Workload, cache_dir: str, beta: float) -> None:
         tc.max_steps, tc.seed = workload.steps, workload.seed
         tc.learning_rate, tc.scheduler, tc.warmup_ratio = workload.learning_rate, "linear", 0.0
         tc.mixed_precision, tc.progress, tc.save_model = "no", False, False
+        tc.save_every, tc.save_minutes = 0, 0  # training steps only, as TRL's run measures
         cfg.loss.beta = beta
         cfg.data.max_length = workload.max_length
         if workload.max_tokens_per_micro_batch is not None:

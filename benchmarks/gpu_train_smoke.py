@@ -43,7 +43,7 @@ def main() -> None:
         cfg.data.train = str(data)
         cfg.data.eval_fraction = 0.0
         for k, v in dict(batch_size=8, micro_batch_size=4, max_steps=6, learning_rate=1e-3,
-                         warmup_ratio=0.0, progress=False, save_model=False,
+                         warmup_ratio=0.0, progress=False, save_model=False, save_every=0,
                          mixed_precision="no", attention=attention,
                          reference_cache_dir=str(tmp / "cache"),
                          output_dir=str(tmp / attention)).items():

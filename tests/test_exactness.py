@@ -18,6 +18,7 @@ from test_train import read_metrics, tiny_config
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import avgalign.train as train_module
+from avgalign.checkpoint import remove_paths
 from avgalign.config import ConfigError, load_config
 from avgalign.data import PreferenceExample, tokenize_pairs
 from avgalign.logprobs import AttentionSpec, causal_mask_function
@@ -272,11 +273,14 @@ def test_resume_without_a_checkpoint_starts_over(tmp_path, tiny_model_dir, synth
     what it left (its config matches), not appending to its metrics."""
     cfg = quick(tmp_path, tiny_model_dir, synthetic_file)
     train(cfg)
+    run = tmp_path / "run"
+    for written in ("checkpoints", "model", "summary.json"):  # as if killed before step 1 saved
+        remove_paths([run / written])
     cfg.train.resume = True
     train(cfg)
-    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2]
-    cfg.loss.beta = 0.3  # another run's folder: refused, as a fresh run would be
-    with pytest.raises(ConfigError, match="already holds a run"):
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2]
+    cfg.loss.beta = 0.3  # another run's folder: refused, naming what differs
+    with pytest.raises(ConfigError, match=r"another config \(loss.beta: 0.1 -> 0.3\)"):
         train(cfg)
 
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .config import ConfigError, config_changes, read_yaml
+from .config import ConfigError, config_changes, flatten, read_yaml
 from .data import PROMPT_RENDERING_FILE
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -51,17 +51,31 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class RunFinished(Exception):
+    """`--resume` on a run that has finished: nothing to train and nothing is changed."""
+
+
+# the keys that, changed on a finished run, ask for more training rather than a replay
+MORE_STEPS = frozenset({"train.max_steps", "train.epochs"})
+
+
 def check_output_dir(
     output_dir: Path, config: dict[str, Any], *, resume: bool, overwrite: bool
-) -> tuple[Path | None, list[Path]]:
+) -> tuple[Path | None, list[Path], str | None]:
     """Decide, before a run starts, what to do with its output folder; writes nothing.
 
-    Returns (checkpoint to resume from or None, files of an earlier run to delete first). A fresh
-    run into a folder that holds a run is refused (ConfigError) unless `overwrite`. `resume` takes
-    the newest complete checkpoint, refused when it was saved with a config that differs from
-    `config` outside config.RESUMABLE_CHANGES (the message names the keys); with no checkpoint
-    it starts from step 0, replacing what the folder holds if its config.yaml matches. Pure, so
-    that every process of a multi-process run reaches the same decision before any deletes.
+    Returns (checkpoint to resume from or None, files of an earlier run to delete first, a note
+    to print or None). A fresh run into a folder that holds a run is refused (ConfigError) unless
+    `overwrite`. `resume`:
+    - on a finished run (summary.json written) with the same train.max_steps and train.epochs,
+      raises RunFinished: nothing is trained or written; with more steps it continues from the
+      newest checkpoint (refused when there is none: it would retrain from step 0);
+    - otherwise takes the newest complete checkpoint, refused when it was saved with a config
+      that differs from `config` outside config.RESUMABLE_CHANGES (the message names the keys);
+    - with no checkpoint, starts from step 0 and says so, replacing what an unfinished attempt
+      with the same config left.
+    Pure, so that every process of a multi-process run reaches the same decision before any
+    deletes.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -69,19 +83,17 @@ def check_output_dir(
     found = list_checkpoints(out) if resume else []
     if found:
         state = json.loads((found[-1] / "state.json").read_text())
-        saved = state.get("config") or _saved_config(out)
-        changes = config_changes(saved, config) if saved is not None else []
-        if changes:
-            raise ConfigError(
-                f"cannot resume from {found[-1]}: it was saved with another config "
-                f"({'; '.join(changes)}); resume with the same values, or start a fresh run "
-                "with train.overwrite=true (--overwrite)"
-            )
-        return found[-1], []
+        _check_same_run(found[-1], state.get("config") or _saved_config(out), config)
+    if resume and (out / "summary.json").is_file():
+        _check_same_run(out, _saved_config(out), config)
+        _check_finished(out, config, found)
+    if found:
+        return found[-1], [], None
     existing = [out / name for name in RUN_FILES if (out / name).exists()]
     leftovers = [out / name for name in SETUP_FILES if (out / name).exists()]
+    fresh = f"no checkpoint in {checkpoint_dir(out)}: starting at step 0" if resume else None
     if not existing:
-        return None, leftovers
+        return None, leftovers, fresh
     saved = _saved_config(out)
     same_run = resume and saved is not None and not config_changes(saved, config)
     if not (overwrite or same_run):
@@ -91,7 +103,39 @@ def check_output_dir(
             f"({', '.join(p.name for p in existing)}); {how}replace it with "
             "train.overwrite=true (--overwrite), or choose another folder"
         )
-    return None, existing + leftovers
+    if same_run and not overwrite:
+        written = ", ".join(p.name for p in existing)
+        fresh += f" (replacing what the unfinished attempt wrote: {written})"
+    return None, existing + leftovers, fresh
+
+
+def _check_same_run(source: Path, saved: dict[str, Any] | None, config: dict[str, Any]) -> None:
+    """Refuse to resume from `source` (a checkpoint, a finished run) saved with another config,
+    outside config.RESUMABLE_CHANGES; the message names the keys."""
+    changes = config_changes(saved, config) if saved is not None else []
+    if changes:
+        raise ConfigError(
+            f"cannot resume from {source}: it was saved with another config "
+            f"({'; '.join(changes)}); resume with the same values, or start a fresh run "
+            "with train.overwrite=true (--overwrite)"
+        )
+
+
+def _check_finished(out: Path, config: dict[str, Any], found: list[Path]) -> None:
+    """Called for `resume` on a folder whose run wrote summary.json (it finished)."""
+    saved, now = flatten(_saved_config(out) or {}), flatten(config)
+    steps = json.loads((out / "summary.json").read_text()).get("steps")
+    if all(saved.get(key) == now.get(key) for key in MORE_STEPS):
+        raise RunFinished(
+            f"{out} holds a finished run ({steps} steps): nothing to resume, nothing changed. "
+            "Raise train.max_steps or train.epochs to train it further, or retrain it with "
+            "train.overwrite=true (--overwrite)"
+        )
+    if not found:
+        raise ConfigError(
+            f"{out} holds a finished run ({steps} steps) with no checkpoint to continue from; "
+            "retrain it with train.overwrite=true (--overwrite), or train into another folder"
+        )
 
 
 def remove_paths(paths: list[Path]) -> None:

@@ -267,7 +267,11 @@ class TrainConfig:
     push_to_hub: str | None = None
     progress: bool = True
     save_model: bool = True
-    save_every: int = 0  # steps between checkpoints (0: none; a stop signal still saves one)
+    # checkpoints, so that a killed run loses little: every save_every steps (auto: a tenth of
+    # the run; 0: not by steps) and whenever save_minutes have passed since the last one (0: not
+    # by time), and at the end. A stop signal (SIGINT, SIGTERM) saves one whatever these say
+    save_every: int | str = "auto"
+    save_minutes: float = 10.0
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint in output_dir, if any
     overwrite: bool = False  # a fresh run may replace the run already in output_dir
@@ -301,6 +305,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.report_to",
         "train.push_to_hub",
         "train.save_every",
+        "train.save_minutes",
         "train.keep_checkpoints",
         "train.eval_every",
         "train.eval_batch_size",
@@ -479,7 +484,11 @@ def validate(cfg: Config) -> Config:
         "train.mixed_precision must be auto, no, bf16 or fp16",
     )
     _require(train.eval_every >= 0, "train.eval_every must be >= 0")
-    _require(train.save_every >= 0, "train.save_every must be >= 0")
+    _require(
+        train.save_every == "auto" or (type(train.save_every) is int and train.save_every >= 0),
+        f"train.save_every: a number of steps >= 0, or auto; got {train.save_every!r}",
+    )
+    _require(train.save_minutes >= 0, "train.save_minutes must be >= 0")
     _require(train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     from .modelcard import check_repo_id
     from .tracking import report_to

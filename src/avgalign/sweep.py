@@ -180,6 +180,7 @@ def run_train_config(
         t.seed = spec.seed
     t.output_dir, t.reference_cache_dir = str(output_dir), str(reference_cache_dir)
     t.save_model = False
+    t.save_every, t.save_minutes = 0, 0  # a sweep resumes run by run: no checkpoints within one
     return validate(config)
 
 
