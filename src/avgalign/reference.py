@@ -170,9 +170,11 @@ def cached_reference_logps(
     path = cache_dir / f"ref-{key}.safetensors"
     hit = path.is_file()
     if accelerator.num_processes > 1:
-        # one decision for all processes, the main process's: the same file, and a file that
-        # appears between two processes' checks does not split them
-        key, hit = gather_object([(key, hit)])[0]
+        # one decision for all processes: the main process's file, loaded only if every
+        # process sees it (a file that appears between two processes' checks, or a cache on
+        # node-local disks that only some machines hold, means computing it again)
+        seen = gather_object([(key, hit)])
+        key, hit = seen[0][0], all(h for _, h in seen)
         path = cache_dir / f"ref-{key}.safetensors"
     if hit:
         return ReferenceLogps(**load_file(str(path))), True

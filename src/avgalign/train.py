@@ -39,6 +39,7 @@ from transformers import get_scheduler
 from .attention import SPLIT_ATTENTION
 from .checkpoint import (
     HELDOUT_FILE,
+    RunFinished,
     check_output_dir,
     checkpoint_dir,
     full_training_state,
@@ -98,6 +99,7 @@ from .tracking import (
     start_trackers,
     truncate_metrics,
 )
+from .versions import installed_versions, window_warning
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,25 @@ class TrainResult:
     self_check: SelfCheck | None = None
     skipped_steps: int = 0  # non-finite steps skipped (train.skip_nonfinite)
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped
+
+    @classmethod
+    def of_finished_run(cls, out: Path) -> TrainResult:
+        """The result of a run that finished earlier, read from its summary.json."""
+        summary = json.loads((out / "summary.json").read_text())
+        model_dir = next((out / d for d in ("model", "adapter") if (out / d).is_dir()), None)
+        return cls(
+            out,
+            summary["steps"],
+            summary["train_seconds"],
+            summary["reference_seconds"],
+            summary["reference_from_cache"],
+            summary["last_train"],
+            summary["eval"],
+            model_dir,
+            layout=summary["layout"],
+            skipped_steps=summary["skipped_steps"],
+            overflow_steps=summary["overflow_steps"],
+        )
 
 
 def batch_order(
@@ -230,6 +251,34 @@ def _accelerator(
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu")
     return accelerator
+
+
+def check_launch(accelerator: Accelerator, env=os.environ) -> None:
+    """Refuse a launch that asked for several processes and started one. `accelerate launch
+    --num_processes N` without --multi_gpu (or a config file) on a machine with fewer than two
+    GPUs, and with --cpu, starts one process: its simple launcher sets MASTER_ADDR for the N
+    processes it was asked for, but no WORLD_SIZE, which every multi-process launcher sets."""
+    simple = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+    if accelerator.num_processes == 1 and simple:
+        raise ConfigError(
+            "accelerate launch was asked for several processes but started one (without "
+            "--multi_gpu or a config file it runs a single process). Launch with "
+            "`accelerate launch --multi_gpu --num_processes N -m avgalign train ...` on GPUs, "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` on CPUs"
+        )
+
+
+def launch_report(accelerator: Accelerator, env=os.environ) -> dict[str, Any]:
+    """How the run was launched: processes, machines, Accelerate's distributed type and the
+    torch.distributed backend (None for one process)."""
+    per_machine = int(env.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    return {
+        "processes": accelerator.num_processes,
+        "machines": max(1, accelerator.num_processes // max(1, per_machine)),
+        "distributed": str(accelerator.distributed_type.value),
+        "backend": backend,
+    }
 
 
 def _fsdp_on_cpu(accelerator: Accelerator) -> None:
@@ -440,15 +489,20 @@ def train(
     require_trackers(trackers)  # before anything loads: a missing package is a one-line error
     accelerator = _accelerator(mixed_precision, trackers, Path(cfg.train.output_dir))
     with seeded(cfg.train.seed, accelerator.device):
-        trainer = Trainer(
-            cfg,
-            accelerator,
-            mixed_precision,
-            model=model,
-            tokenizer=tokenizer,
-            train_pairs=train_pairs,
-            eval_pairs=eval_pairs,
-        )
+        try:
+            trainer = Trainer(
+                cfg,
+                accelerator,
+                mixed_precision,
+                model=model,
+                tokenizer=tokenizer,
+                train_pairs=train_pairs,
+                eval_pairs=eval_pairs,
+            )
+        except RunFinished as done:  # --resume on a finished run: say so, change nothing
+            if accelerator.is_main_process:
+                print(done)
+            return TrainResult.of_finished_run(Path(cfg.train.output_dir))
         return trainer.fit()
 
 
@@ -488,6 +542,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.out = Path(self.tc.output_dir)
         self.check_backend()
+        self.report_launch()
         self.resume_from = self.prepare_output_dir()
         self.load_data(tokenizer, train_pairs, eval_pairs)
         self.setup_model(model)
@@ -498,6 +553,22 @@ class Trainer:
         self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches)
 
     # ---- set-up
+
+    def report_launch(self) -> None:
+        """Refuse a launch that started fewer processes than asked; print and keep how the run
+        was launched and the versions it runs with."""
+        check_launch(self.accelerator)
+        self.launch = launch_report(self.accelerator)
+        self.versions = installed_versions()
+        if self.main:
+            launch = self.launch
+            print(
+                f"processes: {launch['processes']} on {launch['machines']} machine(s) "
+                f"({launch['distributed']}, backend {launch['backend'] or 'none'}); "
+                + ", ".join(f"{k} {v}" for k, v in self.versions.items())
+            )
+            if warning := window_warning(self.versions):
+                print(warning)
 
     def check_backend(self) -> None:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -521,11 +592,20 @@ class Trainer:
 
     def prepare_output_dir(self) -> Path | None:
         """Decide on every process what to resume or replace; then the main process acts."""
-        resume_from, stale = check_output_dir(
+        resume_from, stale, note = check_output_dir(
             self.out, self.cfg.to_dict(), resume=self.tc.resume, overwrite=self.tc.overwrite
         )
-        self.accelerator.wait_for_everyone()  # every process has decided before any deletes
+        if self.world > 1:  # every process has decided, and the same way, before any deletes
+            seen = gather_object([str(resume_from)])
+            if len(set(seen)) > 1:
+                raise ConfigError(
+                    f"the processes see different runs in {self.out} (resume from: "
+                    f"{', '.join(sorted(set(seen)))}): put train.output_dir on a disk every "
+                    "machine shares (docs/distributed.md)"
+                )
         if self.main:
+            if note:
+                print(note)
             remove_paths(stale)
             self.out.mkdir(parents=True, exist_ok=True)
             config_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
@@ -674,6 +754,8 @@ class Trainer:
         tc = self.tc
         self.steps_per_epoch = len(self.train_pairs) // tc.batch_size
         self.total_steps = tc.max_steps or max(1, int(tc.epochs * self.steps_per_epoch))
+        auto = tc.save_every == "auto"
+        self.save_every = max(1, -(-self.total_steps // 10)) if auto else tc.save_every
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = adamw(params, tc.learning_rate, tc.weight_decay, self.accelerator.device)
         self.scheduler = get_scheduler(
@@ -709,6 +791,11 @@ class Trainer:
         progress = Progress(
             state["step"], state.get("skipped_steps", 0), state.get("overflow_steps", 0)
         )
+        if progress.step >= self.total_steps and (self.out / "summary.json").is_file():
+            raise RunFinished(
+                f"{self.out} holds a finished run of {progress.step} steps and this config asks "
+                f"for {self.total_steps}: nothing to train, nothing changed"
+            )
         if self.main:
             truncate_metrics(self.out / "metrics.jsonl", progress.step)
             print(f"resumed from {self.resume_from} (step {progress.step} of {self.total_steps})")
@@ -928,6 +1015,7 @@ class Trainer:
         )
         self.policy.train()
         train_start = time.perf_counter()
+        self.saved_at = time.monotonic()
         eval_metrics: dict[str, float] = {}
         with StopSignals() as stop, log:
             for step in range(self.progress.step, self.total_steps):
@@ -970,19 +1058,34 @@ class Trainer:
         )
 
     def checkpoint_or_stop(self, done: int, stop: str | None, trained: bool, bar) -> None:
-        """After a step that trained, checkpoint every train.save_every steps and at the end;
-        after any step, checkpoint when stopped by a signal (agreed by all processes, so all
-        save the same step), then raise."""
-        every = self.tc.save_every
-        due = trained and every and (done % every == 0 or done == self.total_steps)
+        """After a step that trained, checkpoint every train.save_every steps, when
+        train.save_minutes have passed since the last checkpoint, and at the end; after any
+        step, checkpoint when stopped by a signal; then raise. Signal and clock are each agreed
+        by all processes (a collective call each), so all save the same step."""
+        every = self.save_every
+        by_steps = every and (done % every == 0 or done == self.total_steps)
+        due = trained and (by_steps or self.clock_due())
         if stop or due:
             self.save_checkpoint(done)
+            self.saved_at = time.monotonic()
         if stop:
             bar.close()
             raise TrainingInterrupted(
                 f"stopped by {stop} after step {done}; checkpoint saved in "
                 f"{checkpoint_dir(self.out)}; continue with --resume (train.resume=true)"
             )
+
+    def clock_due(self) -> bool:
+        """Whether train.save_minutes have passed since the last checkpoint (or the start), by
+        the main process's clock, the same answer on every process."""
+        minutes = self.tc.save_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - self.saved_at >= 60 * minutes
+        if self.world == 1:
+            return due
+        flag = torch.tensor([float(due and self.main)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item())
 
     def _metrics_log(self):
         """metrics.jsonl, and the trackers of train.report_to started (main process only)."""
@@ -1032,8 +1135,8 @@ class Trainer:
             "layout": self.layout,
             "self_check": dataclasses.asdict(self.checked) if self.checked else None,
             "mixed_precision": self.mixed_precision,
-            "processes": self.world,
-            "distributed": str(self.accelerator.distributed_type.value),
+            **self.launch,
+            "versions": self.versions,
             "train_seconds": train_seconds,
             "reference_seconds": self.ref_seconds,
             "reference_from_cache": self.ref_hit,
