@@ -14,9 +14,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from .loss_specs import AGGREGATIONS, loss_names
+
+LOSS_NAMES = loss_names()
 # copies of values in torch-importing modules (tests/test_cli.py keeps them equal)
-LOSS_NAMES = ("dpo", "ipo", "rdpo", "simpo", "slic")  # sorted(avgalign.losses.LOSSES)
-AGGREGATIONS = ("sum", "mean", "power")  # avgalign.losses.AGGREGATIONS
 CHAT_TEMPLATE_CHOICES = ("trained", "auto", "yes", "no")  # avgalign.evaluation's
 # the first paragraph of the docstring of avgalign.toy.demo, and of avgalign.recipes.hh
 DEMO_DESCRIPTION = (

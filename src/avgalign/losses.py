@@ -18,7 +18,8 @@ Policy and reference log-likelihoods of the same completion are divided by the s
 aggregating each of them equals aggregating their log-ratio. Every loss below takes *aggregated*
 log-likelihoods, which is what makes the aggregation a switch that works with every loss.
 
-Adding a loss: write one function with the `LossFn` signature and add it to `LOSSES`.
+Adding a loss: write one function with the `LossFn` signature and `register_loss` it with its
+LossSpec (loss_specs.py), from this module or any other.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-AGGREGATIONS = ("sum", "mean", "power")
+from .loss_specs import AGGREGATIONS, LOSS_SPECS, LossSpec
 
 
 def aggregation_exponent(aggregation: str, alpha: float = 1.0) -> float:
@@ -140,21 +141,42 @@ def rdpo_loss(logps: PairLogps, params: LossParams) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LossSpec:
+class Loss:
+    """A registered loss: the function that computes it and its description."""
+
     fn: LossFn
-    uses_reference: bool
+    spec: LossSpec
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.spec.uses_reference
 
 
-LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_loss, uses_reference=True),
-    "ipo": LossSpec(ipo_loss, uses_reference=True),
-    "slic": LossSpec(slic_loss, uses_reference=True),
-    "simpo": LossSpec(simpo_loss, uses_reference=False),
-    "rdpo": LossSpec(rdpo_loss, uses_reference=True),
-}
+LOSSES: dict[str, Loss] = {}
 
 
-def get_loss(name: str) -> LossSpec:
+def register_loss(name: str, fn: LossFn, spec: LossSpec | None = None) -> None:
+    """Make loss `name` available to configs, the command line and training: `fn` computes it,
+    `spec` describes it (given for a new loss; a built-in loss's is in loss_specs.LOSS_SPECS).
+    A new hyper-parameter is a field of LossParams and of config.LossConfig of the same name."""
+    if name in LOSSES:
+        raise ValueError(f"loss {name!r} is already registered")
+    if spec is not None:
+        LOSS_SPECS[name] = spec
+    LOSSES[name] = Loss(fn, LOSS_SPECS[name])
+
+
+for _name, _fn in {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "slic": slic_loss,
+    "simpo": simpo_loss,
+    "rdpo": rdpo_loss,
+}.items():
+    register_loss(_name, _fn)
+
+
+def get_loss(name: str) -> Loss:
     try:
         return LOSSES[name]
     except KeyError:
