@@ -20,6 +20,7 @@ import pytest
 from conftest import make_model, make_tokenizer
 
 from avgalign import evaluation
+from avgalign.commands import add_evaluate_parser
 from avgalign.data import (
     PROMPT_RENDERING_FILE,
     DataError,
@@ -31,9 +32,9 @@ from avgalign.data import (
     tokenize_pairs,
     write_prompt_rendering,
 )
+from avgalign.errors import UsageError
 from avgalign.evaluation import (
     PromptSet,
-    add_evaluate_parser,
     choose_chat_template,
     encode_prompts,
     generate_completions,
@@ -381,7 +382,7 @@ def test_plain_prompts_without_a_record_fall_back_to_auto_and_say_so(
 def test_bad_prompt_file_is_a_one_line_error(tmp_path, policy, evaluate, capsys):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "w1"}\n{"prompt": \n')
-    with pytest.raises(SystemExit, match=f"^error: {bad}:2: not valid JSON"):
+    with pytest.raises(UsageError, match=f"^{bad}:2: not valid JSON"):
         evaluate(policy, bad, capsys=capsys)
 
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import make_model  # the shared tiny Llama (tokenizer: <pad> 0, <s> 1, </s> 2)
 
+from avgalign.commands import add_evaluate_parser
 from avgalign.data import DataError
+from avgalign.errors import UsageError
 from avgalign.evaluation import (
     GenerationSettings,
     PromptSet,
     ScoredCompletion,
-    add_evaluate_parser,
     count_completion_tokens,
     encode_prompts,
     evaluate_policy,
@@ -387,7 +388,7 @@ def test_evaluate_cli(tmp_path, tiny_model_dir, scorer_module):
     assert result.num_prompts == 2 and (tmp_path / "out" / "summary.json").is_file()
 
     args = parser.parse_args(["evaluate", "--policy", str(tmp_path / "missing"), *common])
-    with pytest.raises(SystemExit, match="error: .*does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         args.func(args)
 
 

@@ -13,9 +13,10 @@ import torch
 from conftest import WORDS  # the shared tiny tokenizer's words
 from transformers import AutoConfig, LlamaForSequenceClassification
 
+from avgalign.commands import add_reward_model_parser
+from avgalign.errors import UsageError
 from avgalign.evaluation import load_scorer
 from avgalign.reward_model import (
-    add_reward_model_parser,
     as_pair_texts,
     bradley_terry_loss,
     split_by_prompt,
@@ -103,5 +104,5 @@ def test_reward_model_cli_reports_a_missing_model(tmp_path):
     args = parser.parse_args(
         ["reward-model", "--model", str(tmp_path / "missing"), "--data", "x.jsonl", "--out", "o"]
     )
-    with pytest.raises(SystemExit, match="error: .*does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         args.func(args)

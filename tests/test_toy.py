@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from avgalign.commands import add_demo_parser
+from avgalign.errors import UsageError
 from avgalign.models import fingerprint_model
 from avgalign.study import VOLATILE_FIELDS
 from avgalign.toy.build import build_world
-from avgalign.toy.demo import add_demo_parser, config_from_args, quick_config, run_demo
+from avgalign.toy.demo import config_from_args, quick_config, run_demo
 from avgalign.toy.world import (
     EOS,
     AnnotatorConfig,
@@ -255,5 +257,5 @@ def test_cli_flags_reach_the_config():
     full = config_from_args(parser.parse_args(["demo", "--full"]))
     assert (full.out, full.seeds, full.length_biases) == ("runs/demo-full", (0, 1, 2), (0.0, 0.3))
     assert full.aggregations == ("sum", "mean", "power") and len(full.betas) == 5
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="exclude each other"):
         config_from_args(parser.parse_args(["demo", "--full", "--quick"]))

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .loss_specs import AGGREGATIONS, LOSS_SPECS, TRL_ALIASES, loss_names
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
@@ -38,6 +40,20 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin (pickle) weights when no safetensors exist: unsafe
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# the record fields the formats read (data.py): what a column map may rename a column to
+COLUMN_TARGETS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "conversations",
+    "messages",
+    "instruction",
+    "input",
+    "system",
+    "history",
+)
 
 
 @dataclass
@@ -117,36 +133,8 @@ class LossConfig:
         )
 
 
-@dataclass(frozen=True)
-class PublishedDefaults:
-    """A loss's setting as published, for the keys a config leaves out."""
-
-    aggregation: str
-    beta: float  # for `aggregation`; with another aggregation, beta is LossConfig's default
-    source: str  # said in the log line
-    gamma_beta_ratio: float | None = None  # SimPO: simpo_gamma = ratio * beta
-
-
-LOSS_DEFAULTS: dict[str, PublishedDefaults] = {
-    "dpo": PublishedDefaults("sum", 0.1, "DPO as published, TRL's sigmoid"),
-    # the authors meant averaged log-likelihoods; TRL's ipo averages, with beta 0.1 (its default)
-    "ipo": PublishedDefaults("mean", 0.1, "IPO as its authors and TRL define it"),
-    "slic": PublishedDefaults("sum", 0.1, "SLiC-HF's summed hinge, TRL's hinge"),
-    # SimPO (Meng et al. 2024) and its reference code: beta 2.0 (2.0 to 10 in practice) and
-    # gamma / beta 0.5 as the starting point; our simpo_gamma is gamma itself, not the ratio
-    "simpo": PublishedDefaults(
-        "mean", 2.0, "SimPO as published: gamma = 0.5 beta", gamma_beta_ratio=0.5
-    ),
-    "rdpo": PublishedDefaults("sum", 0.1, "R-DPO: DPO's setting"),
-}
-
-# TRL DPOConfig.loss_type names that denote one of our losses: name -> (loss, aggregation).
-# TRL's `ipo` is our `ipo`, whose default aggregation is mean (LOSS_DEFAULTS).
-TRL_ALIASES: dict[str, tuple[str, str]] = {
-    "sigmoid": ("dpo", "sum"),
-    "sigmoid_norm": ("dpo", "mean"),
-    "hinge": ("slic", "sum"),
-}
+# each loss's published setting (the defaults of the keys a config leaves out), by loss name
+LOSS_DEFAULTS = LOSS_SPECS
 
 
 @dataclass(frozen=True)
@@ -408,6 +396,55 @@ def from_mapping(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+# the trackers train.report_to takes; `pip install "avgalign[<name>]"` installs each one's package
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def report_to(train: TrainConfig) -> list[str]:
+    """The trackers of `train.report_to` (a name, a list of names, or "none" / empty), with
+    "tensorboard" added by the deprecated `train.tensorboard: true`. An unknown name is a
+    ConfigError naming the key (and the list index)."""
+    value = train.report_to
+    if isinstance(value, list):
+        items = [(f"train.report_to[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [("train.report_to", value)]
+    names: list[str] = []
+    for key, name in items:
+        name = name.strip().lower()
+        if name in ("", "none"):
+            if len(items) > 1:
+                raise ConfigError(f"{key}: {name!r} in a list of trackers; give none alone")
+            continue
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"{key}: unknown tracker {name!r}; one of {', '.join(TRACKERS)}, a list of "
+                "them, or none"
+            )
+        if name not in names:
+            names.append(name)
+    if train.tensorboard and "tensorboard" not in names:
+        names.append("tensorboard")
+    return names
+
+
+def check_repo_id(train: TrainConfig) -> None:
+    """ConfigError for a `train.push_to_hub` that cannot be uploaded: not a Hub repo id, or no
+    model folder saved to upload."""
+    if train.push_to_hub is None:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(train.push_to_hub)
+    except HFValidationError as e:
+        raise ConfigError(
+            f"train.push_to_hub: {train.push_to_hub!r} is not a Hub repo id (user/name): {e}"
+        ) from None
+    if not train.save_model:
+        raise ConfigError("train.push_to_hub needs train.save_model=true (the folder it uploads)")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -415,8 +452,6 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check impossible values; returns cfg for chaining."""
-    from .losses import AGGREGATIONS, LOSSES  # torch: imported where a config is validated
-
     loss, train, data = cfg.loss, cfg.train, cfg.data
     if loss.name in TRL_ALIASES:  # load_config resolves them; code sets our names
         name, aggregation = TRL_ALIASES[loss.name]
@@ -426,8 +461,8 @@ def validate(cfg: Config) -> Config:
             f"loss.aggregation={aggregation!r}"
         )
     _require(
-        loss.name in LOSSES,
-        f"loss.name: unknown loss {loss.name!r}; accepted: {', '.join(sorted(LOSSES))}, and "
+        loss.name in LOSS_SPECS,
+        f"loss.name: unknown loss {loss.name!r}; accepted: {', '.join(loss_names())}, and "
         f"TRL's loss_type {', '.join(TRL_ALIASES)} (TRL's other loss types are not implemented)",
     )
     _require(
@@ -490,9 +525,6 @@ def validate(cfg: Config) -> Config:
     )
     _require(train.save_minutes >= 0, "train.save_minutes must be >= 0")
     _require(train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-    from .modelcard import check_repo_id
-    from .tracking import report_to
-
     report_to(train)  # an unknown tracker name is an error here, a missing package at start
     check_repo_id(train)
     return cfg
@@ -520,8 +552,6 @@ def _validate_data_sources(data: DataConfig) -> None:
 
 
 def _check_columns(key: str, columns: Any) -> None:
-    from .data import COLUMN_TARGETS
-
     _require(isinstance(columns, dict), f"{key}: expected a mapping of field: column")
     for target, column in columns.items():
         _require(

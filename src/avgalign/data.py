@@ -57,6 +57,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import COLUMN_TARGETS
+
 if TYPE_CHECKING:
     from .config import DataConfig, SourceConfig
 
@@ -66,16 +68,6 @@ _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 _TABLE_SUFFIXES = (".csv", ".tsv")
 _SUFFIXES = (*_JSON_SUFFIXES, ".parquet", *_TABLE_SUFFIXES)
 _FIELDS = ("prompt", "chosen", "rejected")
-# the record fields the formats read: what a column map may rename a column to
-COLUMN_TARGETS = (
-    *_FIELDS,
-    "conversations",
-    "messages",
-    "instruction",
-    "input",
-    "system",
-    "history",
-)
 # sharegpt roles ("from") and OpenAI-style roles ("role") as chat template roles
 _ROLES = {
     "human": "user",
@@ -127,6 +119,14 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+
+
+def mean_completion_length(pairs: Sequence[TokenizedPair]) -> float:
+    """Mean |y| over the chosen and the rejected completions of the pairs."""
+    if not pairs:
+        raise ValueError("no pairs")
+    total = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    return total / (2 * len(pairs))
 
 
 @dataclass

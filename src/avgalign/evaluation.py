@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# re-exported from its torch-free home, where the CLI builds it
-from .commands import add_evaluate_parser as add_evaluate_parser
 from .data import (
     PROMPT_RENDERING_FILE,
     DataError,
@@ -49,6 +47,8 @@ from .data import (
     stop_token_ids,
     user_turn,
 )
+
+from .errors import UsageError
 from .seeding import seeded
 
 # ---------------------------------------------------------------------------------------------
@@ -1131,7 +1131,7 @@ def _load_causal_lm(name: str, dtype: str, device: str):
     try:
         return load_model(ModelConfig(name=name, dtype=dtype)).to(device)
     except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: cannot load model {name!r}: {e}") from e
+        raise UsageError(f"cannot load model {name!r}: {e}") from e
 
 
 def run_evaluate(args: argparse.Namespace) -> EvalResult:
@@ -1142,7 +1142,7 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
     try:
         tokenizer = load_tokenizer(ModelConfig(name=args.policy))
     except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: cannot load the tokenizer of {args.policy!r}: {e}") from e
+        raise UsageError(f"cannot load the tokenizer of {args.policy!r}: {e}") from e
     try:
         prompts = read_prompts(
             args.prompts, tokenizer=tokenizer, limit=args.limit, split=args.split
@@ -1152,7 +1152,7 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
         )
         scorer = load_scorer(args.scorer, device=device, batch_size=args.batch_size)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise UsageError(f"{e}") from e
     print(rendering.line)
     policy = _load_causal_lm(args.policy, args.dtype, device)
     reference = _load_causal_lm(args.reference, args.dtype, device) if args.reference else None

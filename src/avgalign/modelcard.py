@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, TrainConfig
+from .config import Config, check_repo_id  # noqa: F401 (check_repo_id: re-exported)
 from .versions import installed_versions
 
 if TYPE_CHECKING:
@@ -23,23 +23,6 @@ if TYPE_CHECKING:
 
 # model.name "smollm2-135m" (models.SMOLLM2_NAME): the Hub model its GGUF file was made from
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def check_repo_id(train: TrainConfig) -> None:
-    """ConfigError for a `train.push_to_hub` that cannot be uploaded: not a Hub repo id, or no
-    model folder saved to upload."""
-    if train.push_to_hub is None:
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(train.push_to_hub)
-    except HFValidationError as e:
-        raise ConfigError(
-            f"train.push_to_hub: {train.push_to_hub!r} is not a Hub repo id (user/name): {e}"
-        ) from None
-    if not train.save_model:
-        raise ConfigError("train.push_to_hub needs train.save_model=true (the folder it uploads)")
 
 
 def hub_id(name: str) -> str | None:
@@ -79,8 +62,8 @@ def model_card(
     calibration, inverted)."""
     from huggingface_hub import ModelCardData
 
+    from .data import mean_completion_length
     from .losses import aggregation_exponent
-    from .study import mean_completion_length
 
     lc, tc = cfg.loss, cfg.train
     exponent = aggregation_exponent(lc.aggregation, lc.alpha)

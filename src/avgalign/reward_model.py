@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # re-exported from its torch-free home, where the CLI builds it
-from .commands import add_reward_model_parser as add_reward_model_parser
+from .errors import UsageError
 from .evaluation import (
     encode_reward_inputs,
     prepare_reward_model,
@@ -243,12 +243,12 @@ def run_reward_model(args: argparse.Namespace) -> RewardModelResult:
     try:
         resolve_model_path(args.model)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise UsageError(f"{e}") from e
     examples = load_preferences(args.data, split=args.split, limit=args.limit).examples
     try:
         train, held_out = split_by_prompt(as_pair_texts(examples), args.eval_fraction, args.seed)
     except ValueError as e:
-        raise SystemExit(f"error: {args.data}: {e}") from e
+        raise UsageError(f"{args.data}: {e}") from e
     result = train_reward_model(
         args.model,
         None,

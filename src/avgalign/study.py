@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import TokenizedPair
+from .data import TokenizedPair, mean_completion_length  # noqa: F401 (re-exported)
 from .evaluation import EvalResult, mean_ci
 from .losses import aggregation_exponent
 
@@ -52,14 +52,6 @@ def calibrate_beta(beta_sum: float, exponent: float, mean_length: float) -> floa
     if mean_length <= 0:
         raise ValueError(f"mean completion length must be > 0, got {mean_length}")
     return beta_sum * mean_length**exponent
-
-
-def mean_completion_length(pairs: Sequence[TokenizedPair]) -> float:
-    """Mean |y| over the chosen and the rejected completions of the pairs."""
-    if not pairs:
-        raise ValueError("no pairs")
-    total = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    return total / (2 * len(pairs))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ study.run_sweep keeps the resumable results file; study.write_report computes th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -28,7 +27,6 @@ import hashlib
 import io
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -330,12 +328,3 @@ def run_command(name: str, run: Callable[[], StudyOutputs]) -> StudyOutputs:
     print(f"{name} finished in {time.perf_counter() - t0:.1f}s ({len(outputs.ran)} runs done now, "
           "the others reused from the results file)")
     return outputs
-
-
-def main_of(add_parser: Callable[[Any], argparse.ArgumentParser], command: str,
-            argv: list[str] | None = None):
-    """Run `avgalign <command> ARGS` alone (python -m ...), the parser registered by add_parser."""
-    parser = argparse.ArgumentParser(prog="avgalign")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

@@ -9,44 +9,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, TrainConfig, flatten
+from .config import TRACKERS, ConfigError, TrainConfig, flatten, report_to  # noqa: F401
 from .data import write_text_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-# the trackers train.report_to takes; `pip install "avgalign[<name>]"` installs each one's package
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 PROJECT = "avgalign"  # the W&B project, MLflow experiment and TensorBoard run of every run
-
-
-def report_to(train: TrainConfig) -> list[str]:
-    """The trackers of `train.report_to` (a name, a list of names, or "none" / empty), with
-    "tensorboard" added by the deprecated `train.tensorboard: true`. An unknown name is a
-    ConfigError naming the key (and the list index)."""
-    value = train.report_to
-    if isinstance(value, list):
-        items = [(f"train.report_to[{i}]", v) for i, v in enumerate(value)]
-    else:
-        items = [("train.report_to", value)]
-    names: list[str] = []
-    for key, name in items:
-        name = name.strip().lower()
-        if name in ("", "none"):
-            if len(items) > 1:
-                raise ConfigError(f"{key}: {name!r} in a list of trackers; give none alone")
-            continue
-        if name not in TRACKERS:
-            raise ConfigError(
-                f"{key}: unknown tracker {name!r}; one of {', '.join(TRACKERS)}, a list of "
-                "them, or none"
-            )
-        if name not in names:
-            names.append(name)
-    if train.tensorboard and "tensorboard" not in names:
-        names.append("tensorboard")
-    return names
 
 
 def require_trackers(names: list[str]) -> None:

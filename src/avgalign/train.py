@@ -769,12 +769,8 @@ class Trainer:
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
         # FSDP replaces the parameters by sharded ones: the list is taken again
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        lc = self.lc
         self.loss_params = LossParams(
-            beta=lc.beta,
-            label_smoothing=lc.label_smoothing,
-            simpo_gamma=lc.simpo_gamma,
-            length_penalty=lc.length_penalty,
+            **{f.name: getattr(self.lc, f.name) for f in dataclasses.fields(LossParams)}
         )
 
     # ---- save and resume: full state dicts, written by the main process

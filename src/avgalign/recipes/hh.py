@@ -48,7 +48,6 @@ from typing import Any
 import torch
 
 from .. import sweep as engine
-from ..commands import add_study_parser  # torch-free, where the CLI builds it
 from ..config import Config, ConfigError, LoraConfig, from_mapping, read_yaml, validate
 from ..data import PreferenceExample, TokenizedPair, load_preferences, tokenize_pairs
 from ..evaluation import GenerationSettings, load_scorer, reference_seed
@@ -550,9 +549,7 @@ def run_study_command(args: argparse.Namespace) -> RecipeOutputs:
     return engine.run_command("study", lambda: run_recipe(cfg, args.out, command=command))
 
 
-def main(argv: list[str] | None = None) -> RecipeOutputs:
-    return engine.main_of(add_study_parser, "study", argv)
+if __name__ == "__main__":  # python -m avgalign.recipes.hh ARGS: avgalign study ARGS
+    from ..cli import main
 
-
-if __name__ == "__main__":
-    main()
+    raise SystemExit(main(["study", *sys.argv[1:]]))

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import frontier
 from .. import sweep as engine
-from ..commands import add_demo_parser  # torch-free, where the CLI builds it
 from ..config import Config
+from ..errors import UsageError
 from ..evaluation import GenerationSettings, Scorer
 from ..models import cache_root
 from ..study import RunSpec, mean_completion_length, plan_runs, results_table
@@ -292,7 +293,7 @@ def run_demo(cfg: DemoConfig) -> DemoOutputs:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     if args.quick and args.full:
-        raise SystemExit("avgalign demo: --quick and --full exclude each other")
+        raise UsageError("avgalign demo: --quick and --full exclude each other")
     cfg = quick_config() if args.quick else full_config() if args.full else DemoConfig()
     cfg.out = args.out or cfg.out
     cfg.cache_dir = args.cache_dir
@@ -314,9 +315,7 @@ def run_demo_command(args: argparse.Namespace) -> DemoOutputs:
     return engine.run_command("demo", lambda: run_demo(config_from_args(args)))
 
 
-def main_demo(argv: list[str] | None = None) -> DemoOutputs:
-    return engine.main_of(add_demo_parser, "demo", argv)
+if __name__ == "__main__":  # python -m avgalign.toy.demo ARGS: avgalign demo ARGS
+    from ..cli import main
 
-
-if __name__ == "__main__":
-    main_demo()
+    raise SystemExit(main(["demo", *sys.argv[1:]]))
