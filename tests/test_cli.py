@@ -11,8 +11,8 @@ import pytest
 from conftest import SHARED_DATA
 from transformers import AutoModelForCausalLM
 
-from avgalign import commands
 from avgalign.cli import build_parser, main
+from avgalign.cli import parsers as commands
 
 HH = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
@@ -175,7 +175,7 @@ def test_help_and_version_import_no_torch():
     ],
 )
 def test_the_parsers_copies_equal_their_originals(copy, original):
-    """avgalign.commands keeps torch-free copies of values of torch-importing modules."""
+    """avgalign.cli.parsers keeps torch-free copies of values of torch-importing modules."""
     assert getattr(commands, copy) == original()
 
 
@@ -183,11 +183,11 @@ def test_the_parsers_copies_equal_their_originals(copy, original):
     "argv,module,function",
     [
         (["evaluate", "--policy", "p", "--prompts", "x.txt", "--scorer", "s", "--out", "o"],
-         "avgalign.evaluation", "run_evaluate"),
+         "avgalign.cli.handlers", "run_evaluate"),
         (["reward-model", "--model", "m", "--data", "d", "--out", "o"],
-         "avgalign.reward_model", "run_reward_model"),
-        (["study", "c.yaml", "--out", "o"], "avgalign.recipes.hh", "run_study_command"),
-        (["demo", "--quick", "--out", "o"], "avgalign.toy.demo", "run_demo_command"),
+         "avgalign.cli.handlers", "run_reward_model"),
+        (["study", "c.yaml", "--out", "o"], "avgalign.cli.handlers", "run_study_command"),
+        (["demo", "--quick", "--out", "o"], "avgalign.cli.handlers", "run_demo_command"),
     ],
 )
 def test_each_subcommand_runs_its_module(monkeypatch, argv, module, function):

@@ -19,8 +19,7 @@ import shutil
 import pytest
 from conftest import make_model, make_tokenizer
 
-from avgalign import evaluation
-from avgalign.commands import add_evaluate_parser
+from avgalign.cli.parsers import add_evaluate_parser
 from avgalign.data import (
     PROMPT_RENDERING_FILE,
     DataError,
@@ -40,6 +39,7 @@ from avgalign.evaluation import (
     generate_completions,
     read_prompts,
 )
+from avgalign.evaluation import evaluate as evaluation  # where evaluate_policy samples
 
 # A template that, like SmolLM2's, adds a system prompt when the conversation has none.
 TEMPLATE = (

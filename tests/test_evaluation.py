@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_model  # the shared tiny Llama (tokenizer: <pad> 0, <s> 1, </s> 2)
 
-from avgalign.commands import add_evaluate_parser
+from avgalign.cli.parsers import add_evaluate_parser
 from avgalign.data import DataError
 from avgalign.errors import UsageError
 from avgalign.evaluation import (

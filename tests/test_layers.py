@@ -23,10 +23,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("losses", ("losses",)),
     ("modeling", ("models", "logprobs", "reference")),
     ("training", ("tracking", "checkpoint", "modelcard", "train")),
-    ("evaluation", ("evaluation", "reward_model")),
+    ("evaluation", ("evaluation.metrics", "evaluation.generation", "evaluation.scoring",
+                    "evaluation.prompts", "evaluation.evaluate", "evaluation.outputs",
+                    "evaluation", "reward_model")),
     ("study", ("study", "frontier", "sweep", "toy", "toy.world", "toy.sft", "toy.build",
                "toy.demo", "recipes", "recipes.hh")),
-    ("cli", ("commands", "cli", "__main__")),
+    ("cli", ("cli.parsers", "cli.handlers", "cli", "__main__")),
 ]
 RANK = {module: (i, j) for i, (_, modules) in enumerate(LAYERS) for j, module in
         enumerate(modules)}
@@ -109,7 +111,7 @@ def test_imports_run_one_way_lazy_ones_included():
 
 @pytest.mark.parametrize(("source", "module"), [
     ("def f():\n    from .train import train\n", "config"),  # a lazy upward import
-    ("from .cli import main\n", "evaluation"),
+    ("from ..cli import main\n", "evaluation.scoring"),
     ("import avgalign.study\n", "losses"),
     ("from .demo import run_demo\n", "toy.world"),  # within a layer, to a later module
 ])

@@ -13,7 +13,7 @@ import torch
 from conftest import WORDS  # the shared tiny tokenizer's words
 from transformers import AutoConfig, LlamaForSequenceClassification
 
-from avgalign.commands import add_reward_model_parser
+from avgalign.cli.parsers import add_reward_model_parser
 from avgalign.errors import UsageError
 from avgalign.evaluation import load_scorer
 from avgalign.reward_model import (

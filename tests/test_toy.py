@@ -11,12 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from avgalign.commands import add_demo_parser
+from avgalign.cli.handlers import config_from_args
+from avgalign.cli.parsers import add_demo_parser
 from avgalign.errors import UsageError
 from avgalign.models import fingerprint_model
 from avgalign.study import VOLATILE_FIELDS
 from avgalign.toy.build import build_world
-from avgalign.toy.demo import config_from_args, quick_config, run_demo
+from avgalign.toy.demo import quick_config, run_demo
 from avgalign.toy.world import (
     EOS,
     AnnotatorConfig,

@@ -7,7 +7,6 @@ scorer does (evaluation.encode_reward_inputs), so training and scoring see the s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # re-exported from its torch-free home, where the CLI builds it
-from .errors import UsageError
 from .evaluation import (
     encode_reward_inputs,
     prepare_reward_model,
@@ -233,34 +231,4 @@ def train_reward_model(
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "reward_model.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return result
-
-
-def run_reward_model(args: argparse.Namespace) -> RewardModelResult:
-    from .data import load_preferences
-    from .models import resolve_model_path
-
-    try:
-        resolve_model_path(args.model)
-    except FileNotFoundError as e:
-        raise UsageError(f"{e}") from e
-    examples = load_preferences(args.data, split=args.split, limit=args.limit).examples
-    try:
-        train, held_out = split_by_prompt(as_pair_texts(examples), args.eval_fraction, args.seed)
-    except ValueError as e:
-        raise UsageError(f"{args.data}: {e}") from e
-    result = train_reward_model(
-        args.model,
-        None,
-        train,
-        held_out,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        out_dir=args.out,
-        device=args.device,
-    )
-    print(json.dumps(result.to_dict(), indent=2))
     return result

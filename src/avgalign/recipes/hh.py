@@ -27,7 +27,6 @@ Big files (the reward model, cached reference log-probs and samples) go to `work
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -36,7 +35,6 @@ import os
 import platform
 import random
 import re
-import shlex
 import shutil
 import sys
 import time
@@ -539,14 +537,6 @@ def run_recipe(cfg: RecipeConfig, out: str | Path, *, command: str = "") -> Reci
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def run_study_command(args: argparse.Namespace) -> RecipeOutputs:
-    cfg = load_recipe_config(args.config)
-    if args.quiet:
-        cfg.policy.train.progress = False
-    command = shlex.join(sys.orig_argv)  # the interpreter and its flags (-m ...) included
-    return engine.run_command("study", lambda: run_recipe(cfg, args.out, command=command))
 
 
 if __name__ == "__main__":  # python -m avgalign.recipes.hh ARGS: avgalign study ARGS

@@ -319,3 +319,9 @@ if __name__ == "__main__":  # python -m avgalign.toy.demo ARGS: avgalign demo AR
     from ..cli import main
 
     raise SystemExit(main(["demo", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":  # python -m avgalign.toy.demo ARGS: avgalign demo ARGS
+    from ..cli import main
+
+    raise SystemExit(main(["demo", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
 """The parsers of the subcommands whose work needs torch, transformers and accelerate: evaluate,
-reward-model, study and demo.
+reward-model, study and demo (their handlers: avgalign.cli.handlers).
 
 They are built from argparse alone, so that `avgalign <subcommand> --help` prints at once; a
 subcommand's handler (its parser's `func` default) imports the module that does the work only
@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from .loss_specs import AGGREGATIONS, loss_names
+from ..loss_specs import AGGREGATIONS, loss_names
 
 LOSS_NAMES = loss_names()
 # copies of values in torch-importing modules (tests/test_cli.py keeps them equal)
@@ -28,12 +28,12 @@ STUDY_DESCRIPTION = (
 )
 
 
-def runs(module: str, function: str) -> Callable[[argparse.Namespace], Any]:
-    """A subcommand's handler: imports `module` (relative to this package) when the subcommand
-    runs, not when its parser is built, and calls `module.function(args)`."""
+def runs(function: str) -> Callable[[argparse.Namespace], Any]:
+    """A subcommand's handler: imports avgalign.cli.handlers (and through it torch) when the
+    subcommand runs, not when its parser is built, and calls `handlers.function(args)`."""
 
     def handler(args: argparse.Namespace) -> Any:
-        return getattr(importlib.import_module(module, __package__), function)(args)
+        return getattr(importlib.import_module(".handlers", __package__), function)(args)
 
     return handler
 
@@ -80,7 +80,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=runs(".evaluation", "run_evaluate"))
+    p.set_defaults(func=runs("run_evaluate"))
     return p
 
 
@@ -101,7 +101,7 @@ def add_reward_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output folder (load it with --scorer OUT)")
-    p.set_defaults(func=runs(".reward_model", "run_reward_model"))
+    p.set_defaults(func=runs("run_reward_model"))
     return p
 
 
@@ -115,7 +115,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("config", help="recipe YAML, e.g. configs/hh-smollm2/cpu-small.yaml")
     p.add_argument("--out", required=True, help="output folder for the small result files")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=runs(".recipes.hh", "run_study_command"))
+    p.set_defaults(func=runs("run_study_command"))
     return p
 
 
@@ -155,7 +155,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="rebuild the world and rerun every run instead of reusing them")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=runs(".toy.demo", "run_demo_command"))
+    p.set_defaults(func=runs("run_demo_command"))
     return p
 
 

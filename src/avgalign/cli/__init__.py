@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from . import __version__
-from .commands import ADD_PARSERS
-from .config import ConfigError
+from .. import __version__
+from ..config import ConfigError
+from .parsers import ADD_PARSERS
 
 TRAIN_HELP = """\
 Train a policy with a direct alignment loss. The config is YAML with sections model, data, loss,
@@ -22,8 +22,8 @@ Multi-process / multi-GPU: `accelerate launch --multi_gpu --num_processes N -m a
 def _train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..train import train
 
     overrides = list(args.set)
     for key, value in [
@@ -62,9 +62,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _data_stats(args: argparse.Namespace) -> None:
-    from .config import ModelConfig
-    from .data import format_length_stats, length_stats, load_preferences, tokenize_pairs
-    from .models import load_tokenizer
+    from ..config import ModelConfig
+    from ..data import format_length_stats, length_stats, load_preferences, tokenize_pairs
+    from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name=args.model))
     report = load_preferences(
@@ -80,7 +80,7 @@ def _data_stats(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's parser, every subcommand's whole parser in it. Building it imports no torch:
-    each handler imports what its subcommand needs when it runs (avgalign.commands), so that
+    each handler imports what its subcommand needs when it runs (avgalign.cli.handlers), so that
     `avgalign --help` and `avgalign <subcommand> --help` print at once."""
     parser = argparse.ArgumentParser(
         prog="avgalign",
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from .data import DataError
-    from .errors import UsageError
-    from .train import TrainingInterrupted
+    from ..data import DataError
+    from ..errors import UsageError
+    from ..train import TrainingInterrupted
 
     try:
         args.func(args)
