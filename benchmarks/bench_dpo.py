@@ -561,7 +561,7 @@ def worker_parity(workload: Workload, n_pairs: int, noise: float) -> None:
 
     from avgalign.logprobs import CompletionLogProbs, pack_pairs, use_split_attention
     from avgalign.losses import LossParams, preference_loss
-    from avgalign.train import compute_reference_logps, pair_length
+    from avgalign.reference import compute_reference_logps, pair_length
 
     setup_threads(workload.threads)
     tokenizer = load_tokenizer(workload)

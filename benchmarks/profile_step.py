@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM
 
+    from avgalign.batching import batch_order
     from avgalign.logprobs import CompletionLogProbs, pack_pairs, use_split_attention
     from avgalign.losses import LossParams, preference_loss
-    from avgalign.train import adamw, batch_order, compute_reference_logps, pair_length
+    from avgalign.reference import compute_reference_logps, pair_length
+    from avgalign.train import adamw
 
     workload = Workload(
         model=args.model,

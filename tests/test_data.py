@@ -768,7 +768,9 @@ def test_column_mapped_and_csv_sources_mixed_train_and_rerun_the_same(tmp_path):
     from conftest import make_model, make_tokenizer, synthetic_records
     from test_train import read_metrics, tiny_config
 
-    from avgalign.train import _accelerator, load_pairs, train
+    from avgalign.launching import _accelerator
+    from avgalign.train import train
+    from avgalign.training_data import load_pairs
 
     tiny_model_dir = tmp_path / "model"
     make_model(len(make_tokenizer())).save_pretrained(tiny_model_dir)

@@ -249,9 +249,9 @@ def test_deepspeed_and_weights_on_one_process_are_refused(monkeypatch):
 
 def test_attention_plan():
     from avgalign.attention import SPLIT_ATTENTION
+    from avgalign.attention_plan import attention_plan
     from avgalign.config import ConfigError
     from avgalign.logprobs import FLEX_ATTENTION
-    from avgalign.train import attention_plan
 
     no_flex = "no backward on CPU"
     # on a CPU: split attention where the model can, else the dense mask; flex never

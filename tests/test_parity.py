@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model  # the shared tiny Llama
 
+from avgalign.batching import batch_order
 from avgalign.data import load_preferences, tokenize_pairs
 from avgalign.logprobs import CompletionLogProbs, pack_pairs
 from avgalign.losses import LossParams, preference_loss
-from avgalign.train import batch_order, compute_reference_logps, pair_length
+from avgalign.reference import compute_reference_logps, pair_length
 
 RTOL = 1e-4
 BETA = 0.1

@@ -7,16 +7,11 @@ import pytest
 import torch
 from test_train import read_metrics, tiny_config
 
+from avgalign.batching import activation_checkpointing, micro_batches
 from avgalign.data import TokenizedPair
-from avgalign.train import (
-    Trainer,
-    _accelerator,
-    activation_checkpointing,
-    budget_batches,
-    micro_batches,
-    packed_tokens,
-    train,
-)
+from avgalign.launching import _accelerator
+from avgalign.reference import budget_batches, packed_tokens
+from avgalign.train import Trainer, train
 
 
 def pair(prompt: int, chosen: int, rejected: int) -> TokenizedPair:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from avgalign.batching import batch_order
 from avgalign.config import ConfigError, load_config
 from avgalign.data import TokenizedPair
-from avgalign.train import batch_order, train
+from avgalign.train import train
 
 
 def tiny_config(tmp_path, model_dir, data_file, **overrides):

@@ -25,18 +25,25 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DistributedType,
-    FullyShardedDataParallelPlugin,
-    ProjectConfiguration,
     gather_object,
 )
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .attention import SPLIT_ATTENTION
+from .attention_plan import (
+    attention_plan,
+    self_check,
+)
+from .batching import (
+    activation_checkpointing,
+    batch_order,
+    check_pair_counts,
+    micro_batches,
+)
 from .checkpoint import (
     HELDOUT_FILE,
     RunFinished,
@@ -49,21 +56,23 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError
 from .data import (
-    DataError,
-    LoadReport,
-    PreferenceExample,
     TokenizedPair,
-    load_data,
-    prompt_rendering,
-    tokenize_pairs,
     write_heldout,
     write_prompt_rendering,
+)
+from .launching import (
+    FULL_ON_CPU,
+    _accelerator,
+    _is_sharded,
+    _mixed_precision,
+    _unsharded_copy,
+    check_launch,
+    launch_report,
 )
 from .logprobs import (
     FLEX_ATTENTION,
     CompletionLogProbs,
     SelfCheck,
-    check_against_model,
     flex_attention_problem,
     split_attention_problem,
     use_flex_attention,
@@ -81,11 +90,9 @@ from .models import (
 )
 from .reference import (
     ReferenceLogps,
-    budget_batches,
     cached_reference_logps,
     compute_reference_logps,
     pack,
-    packed_tokens,
     pair_length,
     reference_fingerprint,
 )
@@ -98,6 +105,9 @@ from .tracking import (
     require_trackers,
     start_trackers,
     truncate_metrics,
+)
+from .training_data import (
+    load_pairs,
 )
 from .versions import installed_versions, window_warning
 
@@ -150,323 +160,12 @@ class TrainResult:
         )
 
 
-def batch_order(
-    lengths: list[int], batch_size: int, epoch: int, seed: int, group_by_length: bool
-) -> list[list[int]]:
-    """The pair indices of each optimizer step of one epoch: a pure function of its arguments,
-    so a resumed run sees the same order. Incomplete last batches are dropped.
-
-    With group_by_length, pairs are shuffled, cut into mega-batches of 32 batches, sorted by length
-    inside each, and the batches shuffled again: batches of similar length, still random.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    if group_by_length:
-        mega = batch_size * 32
-        perm = [
-            i
-            for start in range(0, len(perm), mega)
-            for i in sorted(perm[start : start + mega], key=lambda j: -lengths[j])
-        ]
-    batches = [perm[i : i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-    return batches
-
-
-def activation_checkpointing(
-    setting: bool | str, pairs: list[TokenizedPair], layout: str, max_tokens: int
-) -> tuple[bool, str | None]:
-    """(checkpoint activations?, what to print) for train.gradient_checkpointing=`setting`.
-    The token budget bounds what a forward pass holds, except for a pair that alone packs to
-    more than `max_tokens`: "auto" turns checkpointing on only then (it recomputes each layer's
-    forward pass in the backward pass, about a third more compute), true and false force it."""
-    if setting != "auto":
-        return bool(setting), None
-    over = [n for n in (packed_tokens([p], layout) for p in pairs) if max_tokens and n > max_tokens]
-    if not over:
-        return False, None
-    return True, (
-        f"activation checkpointing: on, as {len(over)} of {len(pairs)} pairs alone pack to more "
-        f"than train.max_tokens_per_micro_batch={max_tokens} tokens (up to {max(over)}); "
-        f"train.gradient_checkpointing=false turns it off"
-    )
-
-
-def micro_batches(
-    shares: list[list[int]],
-    pairs: list[TokenizedPair],
-    layout: str,
-    max_pairs: int,
-    max_tokens: int = 0,
-) -> list[list[list[int]]]:
-    """The micro-batches of each process's share of a global batch: at most `max_pairs` pairs
-    and (when max_tokens > 0) at most `max_tokens` packed tokens each, longest pairs first; a
-    pair over the budget alone goes in a micro-batch of its own. Every process gets the same
-    number of micro-batches (a sharded model's forward pass is collective): shorter plans have
-    their biggest micro-batch halved until they match. Pure: each process computes all plans
-    and takes its own, with no communication."""
-    plans = [budget_batches(share, pairs, layout, max_pairs, max_tokens) for share in shares]
-    target = max(len(p) for p in plans)
-    for plan in plans:
-        while len(plan) < target:
-            big = max(range(len(plan)), key=lambda k: len(plan[k]))
-            half = (len(plan[big]) + 1) // 2
-            plan[big : big + 1] = [plan[big][:half], plan[big][half:]]
-    return plans
-
-
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def _accelerator(
-    mixed_precision: str, trackers: list[str] | None = None, output_dir: Path | None = None
-) -> Accelerator:
-    """The run's Accelerator, with the experiment `trackers` (train.report_to) of a run whose
-    folder is `output_dir` (TensorBoard writes in output_dir/tensorboard). Three fixes to
-    Accelerate's defaults:
-    - its state is a per-process singleton that refuses another precision: in a single-process
-      run (a sweep or a notebook calling train() with bf16 after fp32) it is reset;
-    - it leaves mixed_precision="fp16" off on a CPU without a word (no autocast, no loss scaler):
-      turned on as on a GPU, float16 autocast and PyTorch's CPU GradScaler, used by
-      Accelerate's own backward, unscale and optimizer step;
-    - it ignores FSDP on CPU processes (gloo): see _fsdp_on_cpu."""
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision:
-        if state.get("num_processes", 1) == 1:
-            AcceleratorState._reset_state()
-    project = None
-    if output_dir is not None:
-        project = ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")
-        )
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision, log_with=trackers or None, project_config=project
-    )
-    _fsdp_on_cpu(accelerator)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        accelerator.native_amp = True
-        accelerator.scaler = torch.amp.GradScaler("cpu")
-    return accelerator
-
-
-def check_launch(accelerator: Accelerator, env=os.environ) -> None:
-    """Refuse a launch that asked for several processes and started one. `accelerate launch
-    --num_processes N` without --multi_gpu (or a config file) on a machine with fewer than two
-    GPUs, and with --cpu, starts one process: its simple launcher sets MASTER_ADDR for the N
-    processes it was asked for, but no WORLD_SIZE, which every multi-process launcher sets."""
-    simple = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
-    if accelerator.num_processes == 1 and simple:
-        raise ConfigError(
-            "accelerate launch was asked for several processes but started one (without "
-            "--multi_gpu or a config file it runs a single process). Launch with "
-            "`accelerate launch --multi_gpu --num_processes N -m avgalign train ...` on GPUs, "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` on CPUs"
-        )
-
-
-def launch_report(accelerator: Accelerator, env=os.environ) -> dict[str, Any]:
-    """How the run was launched: processes, machines, Accelerate's distributed type and the
-    torch.distributed backend (None for one process)."""
-    per_machine = int(env.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-    return {
-        "processes": accelerator.num_processes,
-        "machines": max(1, accelerator.num_processes // max(1, per_machine)),
-        "distributed": str(accelerator.distributed_type.value),
-        "backend": backend,
-    }
-
-
-def _fsdp_on_cpu(accelerator: Accelerator) -> None:
-    """`accelerate launch --use_fsdp` on CPU processes (gloo) runs plain DDP: Accelerate takes
-    FSDP only on accelerators. FSDP2 (`fully_shard`) runs on CPU, so such a run is made FSDP as
-    asked, with the plugin Accelerate builds from the launcher's settings: sharded training on
-    CPU-only machines, and the sharded code paths testable without a GPU."""
-    state = accelerator.state
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not (wants_fsdp and state.distributed_type == DistributedType.MULTI_CPU):
-        return
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config")
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = plugin
-
-
-# |ours - model| / max(|model|, 1) on a summed completion log-prob. In float32 the layouts agree
-# with the model's forward to ~1e-6 (SmolLM2, 500 tokens); the errors they exist to catch (a lost
-# sliding window, a missing logit scale) are 2e-3 to 2e-2. Half-precision weights round at ~1e-2.
-SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
-HALF_PRECISION_TOLERANCE = 5e-2
-
-
-def self_check(
-    scorer: CompletionLogProbs, pair: TokenizedPair, pad_id: int, layout: str
-) -> SelfCheck:
-    """One pair through the training path and through model(...) before the first step; raises
-    ConfigError when they differ, naming the layout to try. Runs outside autocast: in the
-    weights' own precision, so that the check is tight whenever the weights are float32."""
-    dtype = next(scorer.parameters()).dtype
-    tolerance = SELF_CHECK_TOLERANCE.get(dtype, HALF_PRECISION_TOLERANCE)
-    device = next(scorer.parameters()).device
-    triple = [(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)]
-    with torch.autocast(device.type, enabled=False):
-        result = check_against_model(scorer, triple, pad_id=pad_id, layout=layout)
-        if result.relative_error <= tolerance:
-            return result
-        fallback = None
-        if layout == "shared_prompt":
-            fallback = check_against_model(scorer, triple, pad_id=pad_id, layout="concat")
-    what = (
-        f"self-check failed: {scorer.architecture} with train.layout={layout} gives completion "
-        f"log-probs that differ from the model's own forward pass by {result.relative_error:.1e} "
-        f"(relative; tolerance {tolerance:g})"
-    )
-    if fallback is not None and fallback.relative_error <= tolerance:
-        raise ConfigError(f"{what}; train.layout=concat matches it: set that")
-    raise ConfigError(
-        f"{what}{' and so does train.layout=concat' if fallback else ''}: this architecture's "
-        "forward pass (e.g. its logit post-processing) is not reproduced; it cannot be trained "
-        "exactly here (train.self_check=false skips this check at your own risk)"
-    )
-
-
-def attention_plan(
-    choice: str,
-    layout: str,
-    device_type: str,
-    flex_problem: str | None,
-    split_problem: str | None,
-) -> tuple[str | None, str, str | None]:
-    """(attention implementation to switch the model to, or None; layout to pack in; what to
-    print) for train.attention=`choice` and train.layout=`layout`. `flex_problem` and
-    `split_problem` are logprobs.flex_attention_problem's and split_attention_problem's answers
-    for this model and device (None: it can).
-
-    The shared-prompt layout needs a custom mask. Given as a dense [L, L] mask, SDPA computes
-    every query against every key, and on a GPU it costs L^2 memory and keeps SDPA off its flash
-    kernel. "auto" takes, on CUDA, flex attention with a block mask; elsewhere, or where flex
-    cannot run, split attention (causal SDPA passes, no mask; see avgalign.attention); where
-    neither can, the dense mask on a CPU, the concat layout (the model's own attention) on CUDA."""
-    if choice == "model" or layout != "shared_prompt":
-        return None, layout, None
-    flex_note = "attention: flex_attention, shared-prompt mask as a BlockMask"
-    split_note = "attention: split (causal SDPA passes per completion, no shared-prompt mask)"
-    if choice == "flex":
-        if flex_problem:
-            raise ConfigError(f"train.attention=flex: {flex_problem}; use train.attention=auto")
-        return FLEX_ATTENTION, layout, flex_note
-    if choice == "split":
-        if split_problem:
-            raise ConfigError(f"train.attention=split: {split_problem}; use train.attention=auto")
-        return SPLIT_ATTENTION, layout, split_note
-    if device_type == "cuda" and flex_problem is None:
-        return FLEX_ATTENTION, layout, flex_note
-    if split_problem is None:
-        return SPLIT_ATTENTION, layout, split_note
-    if device_type == "cuda":
-        return None, "concat", (
-            f"layout: concat with the model's own attention, not shared_prompt with a dense "
-            f"[L, L] mask: no flex attention ({flex_problem}) nor split attention "
-            f"({split_problem}); train.attention=model keeps it"
-        )
-    return None, layout, f"attention: a dense shared-prompt mask (no split: {split_problem})"
-
-
 def adamw(params: list, lr: float, weight_decay: float, device: torch.device):
     """AdamW, with torch's fused kernel where it has one for the device (CPU, CUDA): one pass over
     the parameters per step instead of a dozen foreach passes. Over SmolLM2-135M on this 2-core
     CPU, clipping + step took 0.16 s instead of 0.40 s (`benchmarks/bench_step_parts.py`)."""
     fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def check_pair_counts(cfg: Config, train_pairs: list, eval_pairs: list) -> None:
-    """One-line errors, naming the data and the key to change, for data too small to train on."""
-    source = (cfg.data.train or " + ".join(s.path for s in cfg.data.sources)
-              or "the training pairs")
-    if not train_pairs:
-        raise DataError(source, "no usable training pairs (see the skipped records above)")
-    if len(train_pairs) < cfg.train.batch_size:
-        held = f" after holding out {len(eval_pairs)} for evaluation" if eval_pairs else ""
-        raise DataError(
-            source,
-            f"{len(train_pairs)} training pairs{held}, fewer than train.batch_size="
-            f"{cfg.train.batch_size}; lower train.batch_size or give more data",
-        )
-
-
-@dataclass
-class LoadedData:
-    """What `load_pairs` read: pairs as token ids, the held-out examples as text (written to the
-    run folder, so that a trained policy is evaluated on prompts it was not trained on), and how
-    the prompts were rendered (avgalign.data.prompt_rendering; None without examples)."""
-
-    train_pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
-    eval_examples: list[PreferenceExample]
-    rendering: dict | None
-
-
-def load_pairs(
-    cfg: Config, tokenizer, accelerator: Accelerator, data_report: dict | None = None
-) -> LoadedData:
-    """Training and held-out pairs from the configured sources (`data.train`, or the mix of
-    `data.sources` drawn with train.seed; see data.load_data). What was skipped, warned about and
-    truncated is printed and, per source, added to `data_report` (for the run summary)."""
-    examples: list[PreferenceExample] = []
-
-    def tokenize(report: LoadReport) -> tuple[list[TokenizedPair], list[PreferenceExample]]:
-        pairs, truncation = tokenize_pairs(
-            report.examples,
-            tokenizer,
-            max_length=cfg.data.max_length,
-            max_prompt_length=cfg.data.max_prompt_length,
-            on_error=cfg.data.on_error,
-        )
-        dropped = set(truncation.dropped)
-        kept = [e for e in report.examples if e.location not in dropped]  # aligned with pairs
-        examples.extend(kept)
-        if accelerator.is_main_process:
-            print(f"{report.summary()}\n  tokenised: {truncation.summary()}")
-        if data_report is not None:
-            data_report[report.source] = {
-                "records": report.records,
-                "pairs": len(pairs),
-                "skipped": [f"{loc}: {why}" for loc, why in report.skipped],
-                "warnings": report.warnings,
-                "truncated": {
-                    "prompt": truncation.prompt_truncated,
-                    "chosen": truncation.chosen_truncated,
-                    "rejected": truncation.rejected_truncated,
-                },
-                "dropped": truncation.dropped,
-            }
-        return pairs, kept
-
-    train_reports, held_report = load_data(cfg.data, tokenizer=tokenizer, seed=cfg.train.seed)
-    train_pairs: list[TokenizedPair] = []
-    train_examples: list[PreferenceExample] = []
-    for report in train_reports:  # one per source, in the order of data.sources
-        pairs, kept = tokenize(report)
-        train_pairs += pairs
-        train_examples += kept
-    eval_pairs, eval_examples = tokenize(held_report) if held_report else ([], [])
-    rendering = prompt_rendering(examples, tokenizer, cfg.data.system_prompt) if examples else None
-    n_eval = 0 if cfg.data.eval else int(round(cfg.data.eval_fraction * len(train_pairs)))
-    if n_eval:
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        held = set(torch.randperm(len(train_pairs), generator=g)[:n_eval].tolist())
-        eval_pairs = [p for i, p in enumerate(train_pairs) if i in held]
-        eval_examples = [e for i, e in enumerate(train_examples) if i in held]
-        train_pairs = [p for i, p in enumerate(train_pairs) if i not in held]
-    return LoadedData(train_pairs, eval_pairs, eval_examples, rendering)
 
 
 def train(
@@ -1158,32 +857,3 @@ class _NoLog:
         pass
 
 
-FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP (1 or 2) holds `module`'s parameters in shards. Read from the module, not
-    from Accelerate's distributed type, which does not say FSDP for CPU processes."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
-
-
-def _unsharded_copy(lm, state: dict[str, torch.Tensor]):
-    """A plain copy, on the CPU, of an FSDP-sharded model, holding its gathered full `state`:
-    what save_pretrained (and PEFT's merge) needs. Main process only."""
-    from transformers import AutoModelForCausalLM
-
-    base = lm.get_base_model() if is_peft(lm) else lm
-    fresh = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-    if is_peft(lm):
-        from peft import get_peft_model
-
-        fresh = get_peft_model(fresh, lm.peft_config[lm.active_adapter])
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"gathered state does not match {type(base).__name__}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
-    return fresh
