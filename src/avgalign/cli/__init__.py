@@ -12,7 +12,7 @@ from .parsers import ADD_PARSERS
 
 TRAIN_HELP = """\
 Train a policy with a direct alignment loss. The config is YAML with sections model, data, loss,
-train (see configs/ and the README's config reference); any key can be overridden with
+train (see configs/ and docs/config.md); any key can be overridden with
 --set section.key=value, e.g. --set loss.aggregation=mean --set loss.beta=2.0.
 Multi-process / multi-GPU: `accelerate launch --multi_gpu --num_processes N -m avgalign train ...`
 (docs/distributed.md).
