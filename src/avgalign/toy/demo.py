@@ -22,7 +22,6 @@ same table on any machine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -32,7 +31,6 @@ from pathlib import Path
 from .. import frontier
 from .. import sweep as engine
 from ..config import Config
-from ..errors import UsageError
 from ..evaluation import GenerationSettings, Scorer
 from ..models import cache_root
 from ..study import RunSpec, mean_completion_length, plan_runs, results_table
@@ -286,39 +284,6 @@ def run_demo(cfg: DemoConfig) -> DemoOutputs:
         setting=world_lines(world, cfg, first.baseline, ideal), ideal_length=ideal,
     )
     return DemoOutputs(written.table, written.report, written.files, settings, ran, world)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    if args.quick and args.full:
-        raise UsageError("avgalign demo: --quick and --full exclude each other")
-    cfg = quick_config() if args.quick else full_config() if args.full else DemoConfig()
-    cfg.out = args.out or cfg.out
-    cfg.cache_dir = args.cache_dir
-    cfg.rebuild = args.no_cache
-    cfg.progress = not args.quiet
-    for name in ("losses", "aggregations", "betas", "alphas", "seeds", "length_biases"):
-        if getattr(args, name):
-            setattr(cfg, name, tuple(getattr(args, name)))
-    if args.seed is not None:
-        cfg.world = dataclasses.replace(cfg.world, seed=args.seed)
-    if args.num_prompts is not None:
-        cfg.eval = dataclasses.replace(cfg.eval, num_prompts=args.num_prompts)
-    if args.samples_per_prompt is not None:
-        cfg.eval = dataclasses.replace(cfg.eval, samples_per_prompt=args.samples_per_prompt)
-    return cfg
-
-
-def run_demo_command(args: argparse.Namespace) -> DemoOutputs:
-    return engine.run_command("demo", lambda: run_demo(config_from_args(args)))
-
-
-if __name__ == "__main__":  # python -m avgalign.toy.demo ARGS: avgalign demo ARGS
-    from ..cli import main
-
-    raise SystemExit(main(["demo", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":  # python -m avgalign.toy.demo ARGS: avgalign demo ARGS
