@@ -376,7 +376,7 @@ def test_read_prompts_formats_and_errors(tmp_path):
         read_prompts(str(jsonl))
 
 
-def test_evaluate_cli(tmp_path, tiny_model_dir, scorer_module):
+def test_evaluate_cli(tmp_path, tiny_model_dir, scorer_module, capsys):
     (tmp_path / "prompts.txt").write_text("w1 w2\nw3\n")
     parser = argparse.ArgumentParser()
     add_evaluate_parser(parser.add_subparsers(dest="command"))
@@ -386,6 +386,10 @@ def test_evaluate_cli(tmp_path, tiny_model_dir, scorer_module):
     args = parser.parse_args(["evaluate", "--policy", str(tiny_model_dir), *common])
     result = args.func(args)
     assert result.num_prompts == 2 and (tmp_path / "out" / "summary.json").is_file()
+    printed = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in printed if x.startswith("evaluate: ")]  # one line, not the JSON
+    assert line.startswith("evaluate: 2 prompts x 1 samples, score ") and ", length " in line
+    assert not any(x.strip().startswith("{") for x in printed)
 
     args = parser.parse_args(["evaluate", "--policy", str(tmp_path / "missing"), *common])
     with pytest.raises(UsageError, match="does not exist"):

@@ -14,6 +14,7 @@ from conftest import WORDS  # the shared tiny tokenizer's words
 from transformers import AutoConfig, LlamaForSequenceClassification
 
 from avgalign.cli.parsers import add_reward_model_parser
+from avgalign.data import DataError
 from avgalign.errors import UsageError
 from avgalign.evaluation import load_scorer
 from avgalign.reward_model import (
@@ -106,3 +107,21 @@ def test_reward_model_cli_reports_a_missing_model(tmp_path):
     )
     with pytest.raises(UsageError, match="does not exist"):
         args.func(args)
+
+
+def test_reward_model_cli_skips_malformed_records_when_asked(tmp_path, tiny_model_dir, capsys):
+    records = [{"prompt": f"w{i % 7}", "chosen": f"w8 {MARKER}", "rejected": "w8 w9"}
+               for i in range(20)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records[:10]) + "\n{not json\n"
+                    + "\n".join(json.dumps(r) for r in records[10:]) + "\n")
+    parser = argparse.ArgumentParser()
+    add_reward_model_parser(parser.add_subparsers(dest="command"))
+    common = ["reward-model", "--model", str(tiny_model_dir), "--data", str(data), "--out",
+              str(tmp_path / "rm"), "--max-length", "16", "--eval-fraction", "0.3"]
+    with pytest.raises(DataError, match="pairs.jsonl:11"):
+        parser.parse_args(common).func(parser.parse_args(common))
+    args = parser.parse_args([*common, "--on-error", "skip"])
+    result = args.func(args)
+    assert "1 malformed records skipped" in capsys.readouterr().out
+    assert result.n_train + result.n_eval == 20

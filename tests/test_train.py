@@ -141,6 +141,22 @@ def test_batch_order_is_deterministic_and_grouped():
     assert spread < random_spread / 3
 
 
+@pytest.mark.parametrize(("key", "equivalent"), [
+    ("train.per_device_train_batch_size=4", "here train.micro_batch_size"),
+    ("train.gradient_accumulation_steps=2", "set train.batch_size"),
+    ("train.num_train_epochs=3", "here train.epochs"),
+    ("train.max_length=1024", "here data.max_length"),
+    ("train.bf16=true", "train.mixed_precision: bf16"),
+])
+def test_a_trl_key_gets_its_equivalent_named(key, equivalent):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [key])
+    message = str(info.value)
+    name = key.split("=")[0]
+    assert message.startswith(f"unknown key {name}: TRL's DPOConfig.{name.split('.')[1]}")
+    assert equivalent in message and "known keys" not in message
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="loss.beta must be > 0"):
         load_config(None, ["loss.beta=0"])

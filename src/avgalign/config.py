@@ -374,6 +374,41 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# TRL DPOConfig / TrainingArguments fields a user brings, and what stands for each here (the
+# unknown-key error names it, in whichever section the key was put)
+TRL_KEYS: dict[str, str] = {
+    "per_device_train_batch_size": "train.micro_batch_size (pairs per forward pass per process); "
+    "train.batch_size is the global batch (pairs per optimizer step)",
+    "gradient_accumulation_steps": "derived: train.batch_size / (train.micro_batch_size x "
+    "processes); set train.batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "num_train_epochs": "train.epochs",
+    "lr_scheduler_type": "train.scheduler (cosine, linear, constant)",
+    "warmup_steps": "train.warmup_ratio (a share of the steps)",
+    "logging_steps": "none: every step is logged to metrics.jsonl",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every (and train.save_minutes)",
+    "save_total_limit": "train.keep_checkpoints",
+    "resume_from_checkpoint": "train.resume (--resume)",
+    "output_dir": "train.output_dir (--out)",
+    "bf16": "train.mixed_precision: bf16",
+    "fp16": "train.mixed_precision: fp16",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "report_to": "train.report_to",
+    "push_to_hub": "train.push_to_hub (a repo id)",
+    "hub_model_id": "train.push_to_hub (a repo id)",
+    "loss_type": "loss.name (which also takes TRL's sigmoid, sigmoid_norm, hinge and ipo)",
+    "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length (a floor, not a cut)",
+    "precompute_ref_log_probs": "train.precompute_reference (on by default)",
+    "padding_free": "train.layout: shared_prompt (the default: the prompt encoded once per pair)",
+    "use_logits_to_keep": "none: the LM head runs on completion positions only, in chunks",
+    "model_name_or_path": "model.name",
+    "ref_model": "none: the reference is the starting policy (LoRA: adapters off)",
+    "dataset_name": "data.train",
+}
+
+
 def from_mapping(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """A config dataclass from a mapping, every key and type checked (ConfigError names it)."""
     if not isinstance(values, dict):
@@ -382,8 +417,14 @@ def from_mapping(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
+        key = unknown[0]
+        if key in TRL_KEYS:
+            raise ConfigError(
+                f"unknown key {prefix}{key}: TRL's DPOConfig.{key}; here {TRL_KEYS[key]} "
+                "(docs/porting-from-trl.md)"
+            )
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; known keys: {', '.join(sorted(names))}"
+            f"unknown key {prefix}{key}; known keys: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for name, value in values.items():

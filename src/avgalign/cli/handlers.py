@@ -19,6 +19,7 @@ from ..evaluation import (
     GenerationSettings,
     choose_chat_template,
     evaluate_policy,
+    headline,
     load_scorer,
     read_prompts,
     write_eval_outputs,
@@ -73,8 +74,8 @@ def run_evaluate(args: argparse.Namespace) -> EvalResult:
     )
     result = evaluate_policy(policy, reference, tokenizer, prompts.texts, scorer, settings=settings)
     paths = write_eval_outputs(result, result.completions, args.out)
-    print(json.dumps(result.to_dict(), indent=2))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"evaluate: {headline(result)}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} (every figure: summary.json)")
     return result
 
 
@@ -86,7 +87,10 @@ def run_reward_model(args: argparse.Namespace) -> RewardModelResult:
         resolve_model_path(args.model)
     except FileNotFoundError as e:
         raise UsageError(f"{e}") from e
-    examples = load_preferences(args.data, split=args.split, limit=args.limit).examples
+    loaded = load_preferences(args.data, split=args.split, limit=args.limit, on_error=args.on_error)
+    if loaded.skipped:
+        print(f"{args.data}: {len(loaded.skipped)} malformed records skipped (--on-error skip)")
+    examples = loaded.examples
     try:
         train, held_out = split_by_prompt(as_pair_texts(examples), args.eval_fraction, args.seed)
     except ValueError as e:

@@ -94,6 +94,12 @@ def add_reward_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out")
     p.add_argument("--limit", type=int, help="use the first N records")
+    p.add_argument(
+        "--on-error",
+        choices=["error", "skip"],
+        default="error",
+        help="stop at the first malformed record (default) or skip and count it",
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8)

@@ -38,6 +38,7 @@ from .metrics import (
     win_rate,
 )
 from .outputs import (
+    headline,
     plot_length_and_score,
     write_eval_outputs,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "evaluate_policy",
     "fit_logistic",
     "generate_completions",
+    "headline",
     "join_prompt_completion",
     "kl_estimate",
     "length_controlled_win_rate",

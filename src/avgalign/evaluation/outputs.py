@@ -36,18 +36,28 @@ def write_eval_outputs(
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     paths["summary"].write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    plot_length_and_score(completions, paths["plot"], title=_headline(result))
+    plot_length_and_score(completions, paths["plot"], title=headline(result))
     return paths
 
 
-def _headline(result: EvalResult) -> str:
-    parts = [f"{result.num_prompts} prompts x {result.num_samples} samples"]
+def headline(result: EvalResult) -> str:
+    """The evaluation in one line: prompts x samples, the policy's (and reference's) mean score
+    and length, the win rates and the KL, with 95% intervals."""
+    parts = [f"{result.num_prompts} prompts x {result.num_samples} samples",
+             f"score {_ci(result.policy_score)}, length {result.policy_length['mean']:.1f}"]
+    if result.reference_score is not None and result.reference_length is not None:
+        parts.append(f"reference score {_ci(result.reference_score)}, "
+                     f"length {result.reference_length['mean']:.1f}")
     for name, wr in (("win rate", result.win_rate), ("LC win rate", result.lc_win_rate)):
         if wr is not None:
             parts.append(f"{name} {wr.rate:.3f} [{wr.lo:.3f}, {wr.hi:.3f}]")
     if result.kl is not None:
-        parts.append(f"KL {result.kl.mean:.3g}")
+        parts.append(f"KL {_ci(result.kl)}")
     return ", ".join(parts)
+
+
+def _ci(value) -> str:
+    return f"{value.mean:.3g} [{value.lo:.3g}, {value.hi:.3g}]"
 
 
 def plot_length_and_score(
