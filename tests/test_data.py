@@ -739,7 +739,7 @@ def test_training_on_the_llamafactory_demo_file(tmp_path):
     """A few steps on a slice of LLaMA-Factory's demo file, as it is, with a tiny model whose
     tokenizer has a chat template."""
     from conftest import make_model, make_tokenizer
-    from test_train import read_metrics, tiny_config
+    from helpers import read_metrics, tiny_config
 
     from avgalign.train import train
 
@@ -766,7 +766,7 @@ def test_column_mapped_and_csv_sources_mixed_train_and_rerun_the_same(tmp_path):
     """data.sources through the trainer: a column-mapped JSONL file and a CSV file, mixed by
     count; a rerun draws the same pairs, another seed another mix, and the run trains."""
     from conftest import make_model, make_tokenizer, synthetic_records
-    from test_train import read_metrics, tiny_config
+    from helpers import read_metrics, tiny_config
 
     from avgalign.launching import _accelerator
     from avgalign.train import train

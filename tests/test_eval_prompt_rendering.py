@@ -298,7 +298,7 @@ def test_plain_prompts_follow_the_recorded_rendering(
 def test_a_policy_trained_with_a_system_prompt_is_evaluated_with_it(tmp_path, evaluate, capsys):
     """End to end: `train` with data.system_prompt on conversational records, then `evaluate`
     on plain prompts with --chat-template trained, and with --system-prompt."""
-    from test_train import tiny_config
+    from helpers import tiny_config
 
     from avgalign.train import train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model, synthetic_records
-from test_train import read_metrics, tiny_config
+from helpers import read_metrics, tiny_config
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import avgalign.train as train_module

@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers as tf
 import transformers.integrations.flex_attention as hf_flex
-from test_families import WINDOW, _llama_like, expected_logps, random_pairs
+from helpers.families import WINDOW, _llama_like, expected_logps, random_pairs
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from avgalign.logprobs import (

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_multi_machine import free_port
-from test_reliability import ENV, cli, metric_rows, run_until, write_config
+from helpers import ENV, cli, free_port, metric_rows, run_until, write_config
 
 from avgalign.checkpoint import list_checkpoints
 from avgalign.versions import WATCHED, outside_window, window_warning

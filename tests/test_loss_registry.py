@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_reliability import write_config
+from helpers import write_config
 
 from avgalign.config import ConfigError, load_config
 from avgalign.loss_specs import LOSS_SPECS, LossSpec

@@ -9,8 +9,8 @@ import math
 import huggingface_hub
 import pytest
 import yaml
+from helpers import tiny_config as train_config
 from huggingface_hub import ModelCard
-from test_train import tiny_config as train_config
 
 from avgalign import __version__
 from avgalign.config import Config, ConfigError, load_config

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import ENV, cli, free_port, metric_rows, write_config
 from safetensors.torch import load_file
-from test_reliability import ENV, cli, metric_rows, write_config
 
 from avgalign.checkpoint import list_checkpoints
 
@@ -26,12 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not LAUNCHER.is_file(), reason="accelerate launcher not installed"),
     pytest.mark.slow,
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_pair(cfg: Path, out: Path, *extra: str) -> list[subprocess.Popen]:

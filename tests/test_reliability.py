@@ -4,16 +4,15 @@ guards, the bad-input corpus, safe loading, and 2-process training against 1 pro
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, assert_same_weights, cli, metric_rows, run_until, write_config
 from safetensors.torch import load_file
 
 import avgalign.checkpoint as checkpoint_module
@@ -26,68 +25,6 @@ from avgalign.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "data" / "bad"
-TIMING = {"seconds", "pairs_per_s", "tokens_per_s"}
-
-
-def write_config(tmp_path, model_dir, data_file, **train_keys) -> Path:
-    keys = {
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "max_steps": 30,
-        "learning_rate": 1.0e-3,
-        "progress": False,
-        "reference_cache_dir": str(tmp_path / "cache"),
-        "save_every": 3,
-        "warmup_ratio": 0.1,
-        **train_keys,
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "model": {"name": str(model_dir)},
-                "data": {"train": str(data_file), "max_length": 64, "eval_fraction": 0.0},
-                "train": keys,
-            }
-        )
-    )  # JSON is YAML
-    return path
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "avgalign", "train", *args]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def metric_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-
-
-def run_until(cmd: list[str], metrics: Path, step: int, sig: int, timeout: float = 120):
-    """Start `cmd`, wait until metrics.jsonl shows `step`, then send `sig`; returns the process."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            if len(lines) >= step:
-                proc.send_signal(sig)
-                break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.005)
-    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=timeout)
-    return proc
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, synthetic_file):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import FAMILIES, VOCAB, build, expected_logps, random_pairs
-from test_train import read_metrics, tiny_config
+from helpers import read_metrics, tiny_config
+from helpers.families import FAMILIES, VOCAB, build, expected_logps, random_pairs
 
 from avgalign.attention import SPLIT_ATTENTION, SplitLayout
 from avgalign.logprobs import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train import read_metrics, tiny_config
+from helpers import read_metrics, tiny_config
 
 from avgalign.batching import activation_checkpointing, micro_batches
 from avgalign.data import TokenizedPair

@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_train import tiny_config
+from helpers import tiny_config
 
 from avgalign.config import ConfigError, load_config
 from avgalign.tracking import MetricsLog, report_to, tracker_values, truncate_metrics

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import read_metrics, tiny_config
 from transformers import AutoModelForCausalLM
 
 from avgalign.batching import batch_order
 from avgalign.config import ConfigError, load_config
 from avgalign.data import TokenizedPair
 from avgalign.train import train
-
-
-def tiny_config(tmp_path, model_dir, data_file, **overrides):
-    sets = {
-        "model.name": str(model_dir),
-        "data.train": str(data_file),
-        "data.max_length": 64,
-        "data.eval_fraction": 0.25,
-        "train.output_dir": str(tmp_path / "run"),
-        "train.batch_size": 8,
-        "train.micro_batch_size": 4,
-        "train.max_steps": 12,
-        "train.learning_rate": 3e-3,
-        "train.warmup_ratio": 0.0,
-        "train.scheduler": "constant",
-        "train.progress": False,
-        "train.reference_cache_dir": str(tmp_path / "cache"),
-        **overrides,
-    }
-    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
-
-
-def read_metrics(run_dir, split):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 @pytest.mark.parametrize("aggregation,beta", [("sum", 0.1), ("mean", 1.0)])
