@@ -485,6 +485,29 @@ def test_bad_record_error_names_line_and_field(tmp_path, line, reason):
     assert reason in str(caught.value)
 
 
+MISMATCHED_FILES = [  # (name, content, what it cannot be read as)
+    ("pairs.parquet", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n', "Parquet"),
+    ("pairs.jsonl.gz", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n',
+     "gzip-compressed JSON"),
+    ("pairs.json.gz", b"\x1f\x8b\x08\x00cut short", "gzip-compressed JSON"),
+    ("pairs.csv", b"prompt,chosen,rejected\n\xff\xfe,b,c\n", "CSV"),
+    ("pairs.tsv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8", "TSV"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "kind"), MISMATCHED_FILES)
+def test_a_file_whose_content_does_not_match_its_extension_is_one_line(
+    tmp_path, name, content, kind
+):
+    """Whatever the format, the reader library's failure becomes one line naming the file."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot be read as {kind} (") and "\n" not in message
+
+
 def test_skip_policy_reports_every_bad_record(tmp_path):
     bad = [line for line, _ in BAD_LINES]
     path = write_lines(tmp_path / "x.jsonl", [GOOD, *bad, b"", GOOD2])  # a blank line is no record

@@ -51,6 +51,7 @@ import os
 import random
 import re
 import statistics
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -241,29 +242,12 @@ def _iter_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
     name = path.name.lower()
     if path.is_file():
         if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
+            rows = _read_parquet(path, source)
             yield from ((f"{source}[{i}]", row) for i, row in enumerate(rows))
         elif name.endswith(_JSON_SUFFIXES):
             yield from _iter_json(path, source)
         elif name.endswith(_TABLE_SUFFIXES):
-            import csv
-
-            import datasets
-
-            delimiter = "\t" if name.endswith(".tsv") else ","
-            with path.open(newline="", encoding="utf-8") as handle:
-                header = next(csv.reader(handle, delimiter=delimiter), [])
-            # every cell as text, as written: no number parsing, an empty cell stays ""
-            rows = datasets.load_dataset(
-                "csv",
-                data_files=str(path),
-                split="train",
-                delimiter=delimiter,
-                features=datasets.Features({c: datasets.Value("string") for c in header}),
-                keep_default_na=False,
-            )
+            rows = _read_table(path, source, "\t" if name.endswith(".tsv") else ",")
             yield from ((f"{source}[row {i + 1}]", row) for i, row in enumerate(rows))
         else:
             raise DataError(source, f"unknown file type; expected one of {', '.join(_SUFFIXES)}")
@@ -275,6 +259,43 @@ def _iter_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
         hub_id, _, data_dir = source.partition(":")
         rows = datasets.load_dataset(hub_id, data_dir=data_dir or None, split=split)
         yield from ((f"{source}[{split}]:{i}", row) for i, row in enumerate(rows))
+
+
+def _unreadable(source: str, kind: str, error: Exception) -> DataError:
+    """The one-line error for a file the reader library cannot read as `kind` (its content does
+    not match its extension, or it is damaged): the library's own first line, no traceback."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return DataError(source, f"cannot be read as {kind} ({type(error).__name__}: {detail})")
+
+
+def _read_parquet(path: Path, source: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        raise _unreadable(source, "Parquet", e) from None
+
+
+def _read_table(path: Path, source: str, delimiter: str):
+    import csv
+
+    import datasets
+
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
+        # every cell as text, as written: no number parsing, an empty cell stays ""
+        return datasets.load_dataset(
+            "csv",
+            data_files=str(path),
+            split="train",
+            delimiter=delimiter,
+            features=datasets.Features({c: datasets.Value("string") for c in header}),
+            keep_default_na=False,
+        )
+    except Exception as e:  # UnicodeDecodeError, csv.Error, datasets' generation errors
+        raise _unreadable(source, "CSV" if delimiter == "," else "TSV", e) from None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -289,6 +310,13 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _iter_json(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    try:
+        yield from _iter_json_file(path, source)
+    except (OSError, EOFError, zlib.error) as e:  # a .gz that is not gzip, or is cut short
+        raise _unreadable(source, "gzip-compressed JSON", e) from None
+
+
+def _iter_json_file(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     with gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb") as handle:
         if ".jsonl" in path.name.lower():
             yield from _json_lines(handle, source)
