@@ -85,8 +85,9 @@ def check_output_dir(
         state = json.loads((found[-1] / "state.json").read_text())
         _check_same_run(found[-1], state.get("config") or _saved_config(out), config)
     if resume and (out / "summary.json").is_file():
-        _check_same_run(out, _saved_config(out), config)
-        _check_finished(out, config, found)
+        saved = _saved_config(out)
+        _check_same_run(out, saved, config)
+        _check_finished(out, saved, config, found)
     if found:
         return found[-1], [], None
     existing = [out / name for name in RUN_FILES if (out / name).exists()]
@@ -121,9 +122,12 @@ def _check_same_run(source: Path, saved: dict[str, Any] | None, config: dict[str
         )
 
 
-def _check_finished(out: Path, config: dict[str, Any], found: list[Path]) -> None:
-    """Called for `resume` on a folder whose run wrote summary.json (it finished)."""
-    saved, now = flatten(_saved_config(out) or {}), flatten(config)
+def _check_finished(
+    out: Path, saved: dict[str, Any] | None, config: dict[str, Any], found: list[Path]
+) -> None:
+    """Called for `resume` on a folder whose run wrote summary.json (it finished), with the
+    config it saved."""
+    saved, now = flatten(saved or {}), flatten(config)
     steps = json.loads((out / "summary.json").read_text()).get("steps")
     if all(saved.get(key) == now.get(key) for key in MORE_STEPS):
         raise RunFinished(

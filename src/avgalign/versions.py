@@ -13,6 +13,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 WATCHED = ("torch", "transformers", "accelerate", "peft")
@@ -30,7 +31,7 @@ def installed_versions() -> dict[str, str]:
 
 
 def tested_window() -> dict[str, str]:
-    """{library: specifier}, e.g. {'transformers': '<5.26,>=5.0'}, from avgalign's metadata;
+    """{library: specifier}, e.g. {'transformers': '<5.26,>=5.20'}, from avgalign's metadata;
     empty when avgalign runs from a source tree that was not installed."""
     try:
         requires = metadata.requires("avgalign") or []
@@ -54,9 +55,7 @@ def outside_window(
     for name, spec in window.items():
         got = versions.get(name, "not installed")
         try:
-            inside = Requirement(f"{name}{spec}").specifier.contains(
-                Version(got), prereleases=True
-            )
+            inside = SpecifierSet(spec).contains(Version(got), prereleases=True)
         except InvalidVersion:
             inside = False
         if not inside:

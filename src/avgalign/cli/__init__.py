@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..config import ConfigError
-from .parsers import ADD_PARSERS
+from .parsers import ADD_PARSERS, add_on_error
 
 TRAIN_HELP = """\
 Train a policy with a direct alignment loss. The config is YAML with sections model, data, loss,
@@ -154,12 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="train", help="split, for hub datasets")
     p.add_argument("--max-length", type=int, default=512, help="truncation length (default 512)")
-    p.add_argument(
-        "--on-error",
-        choices=["error", "skip"],
-        default="error",
-        help="stop at the first malformed record (default) or skip and count it",
-    )
+    add_on_error(p)
     p.add_argument("--limit", type=int, help="read only the first N pairs")
     p.add_argument("--max-notes", type=int, default=10, help="skipped/warning lines to show")
     p.set_defaults(func=_data_stats)

@@ -38,8 +38,18 @@ def runs(function: str) -> Callable[[argparse.Namespace], Any]:
     return handler
 
 
+def add_on_error(p: argparse.ArgumentParser) -> None:
+    """--on-error, for the subcommands that read a preference dataset."""
+    p.add_argument(
+        "--on-error",
+        choices=["error", "skip"],
+        default="error",
+        help="stop at the first malformed record (default) or skip and count it",
+    )
+
+
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `evaluate` (avgalign.evaluation.run_evaluate)."""
+    """Register `evaluate` (avgalign.cli.handlers.run_evaluate)."""
     p = subparsers.add_parser(
         "evaluate",
         help="sample from a policy (and a reference), score, win rates, KL, length statistics",
@@ -85,7 +95,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_reward_model_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `reward-model` (avgalign.reward_model.run_reward_model)."""
+    """Register `reward-model` (avgalign.cli.handlers.run_reward_model)."""
     p = subparsers.add_parser(
         "reward-model", help="train a Bradley-Terry reward model on preference pairs"
     )
@@ -94,12 +104,7 @@ def add_reward_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out")
     p.add_argument("--limit", type=int, help="use the first N records")
-    p.add_argument(
-        "--on-error",
-        choices=["error", "skip"],
-        default="error",
-        help="stop at the first malformed record (default) or skip and count it",
-    )
+    add_on_error(p)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -112,7 +117,7 @@ def add_reward_model_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `study` (avgalign.recipes.hh.run_study_command)."""
+    """Register `study` (avgalign.cli.handlers.run_study_command)."""
     p = subparsers.add_parser(
         "study",
         help="the length/score study on a real model and HH-RLHF (gold RM, sweep, report)",
@@ -126,7 +131,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `demo` (avgalign.toy.demo.run_demo_command)."""
+    """Register `demo` (avgalign.cli.handlers.run_demo_command)."""
     p = subparsers.add_parser(
         "demo",
         help="the length/score study end to end in a toy world with a known oracle (CPU, minutes)",
